@@ -1,0 +1,307 @@
+"""Datasets and the DINO-style multi-crop augmentation (Caron et al., 2021) used by Self-Classifier.
+
+Every dataset yields (crops, label, index): crops a list of views (2 global, then the local ones),
+label the true class (-1 where unknown; only evaluation reads it), index the position in the dataset.
+"""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torchvision import datasets, transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Per-dataset image facts and crop recipe. size/local_size: global and local crop sides in px;
+# scale/local_scale: RandomResizedCrop area ranges; blur: Gaussian blur as in DINO (off for tiny
+# images, where it erases the object); eval_resize: shorter side before the center crop.
+DATASETS = {
+    "imagenet": dict(chans=3, classes=1000, size=224, local_size=96, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                     blur=True, eval_resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "stl10": dict(chans=3, classes=10, size=96, local_size=48, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                  blur=True, eval_resize=96, mean=(0.447, 0.440, 0.405), std=(0.260, 0.257, 0.271)),
+    "cifar10": dict(chans=3, classes=10, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                    blur=False, eval_resize=32, mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)),
+    "cifar100": dict(chans=3, classes=100, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                     blur=False, eval_resize=32, mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276)),
+    "mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                  blur=False, eval_resize=28, mean=(0.131,), std=(0.308,)),
+    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                          blur=False, eval_resize=28, mean=(0.286,), std=(0.353,)),
+    "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4),
+                      blur=False, eval_resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+
+# -----------------------------------------------------------------------------
+# augmentation
+
+
+class RandomBlur:
+    """Gaussian blur with probability p and sigma uniform in [lo, hi] (PIL: ~30x faster than tensors on a CPU)."""
+
+    def __init__(self, p, sigma=(0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        radius = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class MultiCrop:
+    """2 global crops and n_local local crops of one PIL image, DINO's augmentations (SPEC section 3).
+
+    View 0: blur p 0.1; view 1: blur p 1.0 and solarisation p 0.2; local crops: blur p 0.5.
+    Without local crops the global crops sample scale from (0.14, 1), as the paper does.
+    """
+
+    def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        if n_local == 0:
+            scale = (0.14, scale[1])
+        jitter = [transforms.RandomHorizontalFlip(),
+                  transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(p=0.2)]
+        to_tensor = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+
+        def view(crop_size, crop_scale, blur_p, solarize_p=0.0):
+            t = [transforms.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=bicubic)] + jitter
+            if blur and blur_p > 0:
+                t.append(RandomBlur(blur_p))
+            if solarize_p > 0:
+                t.append(transforms.RandomSolarize(128, p=solarize_p))
+            return transforms.Compose(t + to_tensor)
+
+        self.views = [view(size, scale, 0.1), view(size, scale, 1.0, 0.2)]
+        self.views += [view(local_size, local_scale, 0.5)] * n_local
+
+    def __call__(self, img):
+        return [t(img) for t in self.views]
+
+
+def eval_transform(name):
+    """Resize the shorter side, center crop, normalise: one tensor per image, as in every protocol."""
+    d = DATASETS[name]
+    return transforms.Compose([
+        transforms.Resize(d["eval_resize"], interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(d["size"]), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
+
+
+def train_transform(name, n_local, size=None, local_size=None):
+    d = DATASETS[name]
+    return MultiCrop(size or d["size"], local_size or d["local_size"], d["scale"], d["local_scale"],
+                     n_local, d["mean"], d["std"], d["blur"])
+
+# -----------------------------------------------------------------------------
+# datasets
+
+
+def _seed_augmentation(key, seed):
+    # A key (index, epoch) from EpochSampler makes the random crops a function of (seed, epoch,
+    # index) alone: the same whatever the number of workers or processes, and after a resume.
+    if isinstance(key, (tuple, list)):
+        i, epoch = key
+        torch.default_generator.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + i) % 2 ** 62)
+        return i
+    return key
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 [N, H, W] or [N, H, W, 3] with integer labels."""
+
+    def __init__(self, images, labels, transform, seed=0):
+        assert len(images) == len(labels)
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        i = _seed_augmentation(key, self.seed)
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i]), i
+
+
+class FolderDataset(datasets.ImageFolder):
+    """ImageFolder that also returns the index and names the file it cannot decode."""
+
+    def __init__(self, root, transform, seed=0):
+        super().__init__(root, transform=transform, loader=self._load)
+        self.seed = seed
+
+    @staticmethod
+    def _load(path):
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except Exception as e:
+            raise RuntimeError(f"cannot read image {path}: {e}") from e
+
+    def __getitem__(self, key):
+        i = _seed_augmentation(key, self.seed)
+        img, label = super().__getitem__(i)
+        return img, label, i
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled global batches, deterministic in (seed, epoch), cut into equal per-process shares.
+
+    Step s of an epoch uses the same global batch whatever the number of processes; the tail that
+    does not fill a global batch is dropped. Yields (index, epoch) keys; start skips whole steps.
+    """
+
+    def __init__(self, n, global_batch, world_size=1, rank=0, seed=0):
+        self.n, self.global_batch, self.world_size, self.rank, self.seed = n, global_batch, world_size, rank, seed
+        self.local_batch = global_batch // world_size
+        self.steps = n // global_batch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.steps - self.start) * self.local_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.global_batch].view(self.steps, self.global_batch)
+        mine = perm[self.start:, self.rank * self.local_batch: (self.rank + 1) * self.local_batch]
+        return iter([(i, self.epoch) for i in mine.flatten().tolist()])
+
+
+def _require(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: expected {what}")
+    return path
+
+
+def read_idx(path):
+    """An IDX file of the original MNIST distribution (optionally gzipped) as a numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {arr.size} bytes")
+    return arr.reshape(shape)
+
+
+def load_mnist(data_dir, train, name="fashion_mnist", download=False):
+    """The four original IDX files (gz or not) in data_dir, or in torchvision's layout below it."""
+    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+    if download:
+        getattr(datasets, folder)(data_dir, train=train, download=True)
+    prefix = "train" if train else "t10k"
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [os.path.join(d, f"{prefix}-{kind}{ext}") for d in (data_dir, os.path.join(data_dir, folder, "raw"))
+                      for ext in ("", ".gz")]
+        found = [c for c in candidates if os.path.exists(c)]
+        if not found:
+            hint = " (apt-get install dataset-fashion-mnist puts them in " + FASHION_MNIST_DIR + ")" if name == "fashion_mnist" else ""
+            raise FileNotFoundError(f"--data_dir {data_dir}: expected the {name} file {prefix}-{kind}[.gz] there or in "
+                                    f"{data_dir}/{folder}/raw{hint}, or pass --download")
+        arrays.append(read_idx(found[0]))
+    return arrays[0], arrays[1]
+
+
+def load_cifar(data_dir, train, name="cifar10", coarse=False, download=False):
+    """CIFAR in the python pickle format of its authors (what torchvision downloads)."""
+    if download:
+        getattr(datasets, name.upper())(data_dir, train=train, download=True)
+    sub = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    root = data_dir if os.path.basename(os.path.normpath(data_dir)) == sub else os.path.join(data_dir, sub)
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        key = "labels"
+    else:
+        files, key = ["train" if train else "test"], "coarse_labels" if coarse else "fine_labels"
+    images, labels = [], []
+    for fname in files:
+        with open(_require(os.path.join(root, fname), f"the {name} python batches in {root} (or pass --download)"), "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels += list(batch[key])
+    return np.ascontiguousarray(np.concatenate(images)), np.asarray(labels)
+
+
+def load_stl10(data_dir, split, download=False):
+    """STL-10 binary format; split in {train, test, unlabeled, train+unlabeled}; unlabeled has label -1."""
+    if download:
+        datasets.STL10(data_dir, split=split, download=True)
+    root = data_dir if os.path.exists(os.path.join(data_dir, "train_X.bin")) else os.path.join(data_dir, "stl10_binary")
+    images, labels = [], []
+    for part in split.split("+"):
+        x_path = _require(os.path.join(root, f"{part}_X.bin"), f"the STL-10 binary files in {root} (or pass --download)")
+        x = np.fromfile(x_path, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # stored column-major
+        images.append(x)
+        if part == "unlabeled":
+            labels.append(np.full(len(x), -1))
+        else:  # labels are stored 1..10
+            labels.append(np.fromfile(_require(os.path.join(root, f"{part}_y.bin"), "STL-10 labels"), dtype=np.uint8) - 1)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels).astype(np.int64)
+
+
+def make_synthetic(n, seed, size=16, classes=10):
+    """A learnable image set made in memory: each class a shape in its own colour, at a random
+    position and scale, with a colour and brightness jitter, on a noisy background."""
+    g = np.random.default_rng(seed)
+    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [250, 190, 190], [255, 255, 255]], np.float32)
+    labels = np.arange(n) % classes
+    g.shuffle(labels)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    r = g.uniform(0.22, 0.4, n)[:, None, None] * size  # half-size of the shape, px
+    cy, cx = (g.uniform(0.35, 0.65, (2, n)) * size)[:, :, None, None]
+    dy, dx = (yy - cy) / r, (xx - cx) / r  # (n, size, size), shape coordinates in [-1, 1]
+    ay, ax = np.abs(dy), np.abs(dx)
+    rad = np.sqrt(dy ** 2 + dx ** 2)
+    shapes = [rad < 1,  # disc
+              np.maximum(ay, ax) < 1,  # square
+              (dy > -1) & (dy < 1) & (ax < (dy + 1) / 2),  # triangle
+              (np.minimum(ay, ax) < 0.3) & (np.maximum(ay, ax) < 1),  # plus
+              (rad < 1) & (rad > 0.6),  # ring
+              ay + ax < 1,  # diamond
+              (ay < 0.35) & (ax < 1),  # horizontal bar
+              (ax < 0.35) & (ay < 1),  # vertical bar
+              (np.abs(ay - ax) < 0.3) & (np.maximum(ay, ax) < 1),  # X
+              (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55)]  # hollow square
+    mask = np.stack(shapes[:classes], 1)[np.arange(n), labels].astype(np.float32)  # (n, size, size)
+    colour = palette[labels % len(palette)] * g.uniform(0.7, 1.1, (n, 1)) + g.normal(0, 12, (n, 3))
+    background = g.uniform(0, 60, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
+    img = background * (1 - mask[..., None]) + colour[:, None, None, :] * mask[..., None]
+    img += g.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def build_dataset(name, data_dir, split, transform, download=False, seed=0):
+    """split: "train" (what training sees, unlabelled), "train_labeled" (for kNN and linear probe)
+    or "eval" (the evaluation split: ImageNet val, the test sets, the synthetic held-out set)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    train = split != "eval"
+    if name == "imagenet":
+        root = os.path.join(data_dir, "train" if train else "val")
+        if not os.path.isdir(root) or not any(os.scandir(root)):
+            raise FileNotFoundError(f"--data_dir {data_dir}: expected ImageNet in ImageFolder layout, "
+                                    f"{root}/<class>/<image>.JPEG, but {root} is missing or empty")
+        return FolderDataset(root, transform, seed)
+    if name == "synthetic":
+        images, labels = make_synthetic(5000 if train else 1000, seed=0 if train else 1)
+    elif name in ("mnist", "fashion_mnist"):
+        images, labels = load_mnist(data_dir, train, name, download)
+    elif name in ("cifar10", "cifar100"):
+        images, labels = load_cifar(data_dir, train, name, download=download)
+    else:
+        images, labels = load_stl10(data_dir, {"train": "train+unlabeled", "train_labeled": "train", "eval": "test"}[split],
+                                    download)
+    if len(images) == 0:
+        raise ValueError(f"--data_dir {data_dir}: the {name} {split} split is empty")
+    return ArrayDataset(images, labels, transform, seed)

@@ -1,0 +1,306 @@
+"""Score a checkpoint the way the papers do: head-0 clustering (NMI, AMI, ARI, ACC), kNN, a linear
+probe and k-means baselines, written to OUT/metrics.json, with figures of what the network learned.
+
+    python evaluate.py --ckpt out/synthetic-self_classifier/ckpt.pt
+    torchrun --nproc_per_node=8 evaluate.py --ckpt out/imagenet-self_classifier/ckpt.pt --data_dir /path/to/imagenet
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import metrics
+from lars import LARS
+from loss import all_gather_cat
+from model import build_model
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
+parser.add_argument("--data_dir", default=None, help="default: the checkpoint's")
+parser.add_argument("--out_dir", default=None, help="where metrics.json and the figures go (default: the checkpoint's folder)")
+parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass, per process")
+parser.add_argument("--workers", type=int, default=2, help="data loading processes per process")
+parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+parser.add_argument("--superclasses", action="store_true", help="cifar100: score against the 20 superclasses")
+parser.add_argument("--no_knn", action="store_true", help="skip the kNN classifier")
+parser.add_argument("--no_linear", action="store_true", help="skip the linear probe")
+parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means baselines")
+parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
+parser.add_argument("--knn_temp", type=float, default=0.07, help="kNN vote weight exp(cosine / knn_temp)")
+parser.add_argument("--linear_epochs", type=int, default=100, help="linear probe epochs")
+parser.add_argument("--linear_lr", type=float, default=None, help="linear probe learning rate "
+                    "(default: 1e-3 Adam on cached features; 0.8 x batch / 4096 LARS with --linear_aug)")
+parser.add_argument("--linear_aug", action="store_true", help="ImageNet protocol: train the probe on "
+                    "RandomResizedCrop + flip through the frozen backbone (slow) instead of on cached center crops")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+if ddp:
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+if use_cuda:
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+master = rank == 0
+torch.manual_seed(args.seed)
+
+
+def print0(*a):
+    if master:
+        print(*a, flush=True)
+
+
+if not os.path.isfile(args.ckpt):
+    raise SystemExit(f"--ckpt {args.ckpt}: no such file")
+ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+train_args = ckpt["args"]
+dataset_name = args.dataset or train_args["dataset"]
+data_dir = args.data_dir or train_args["data_dir"]
+out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+model = build_model(train_args)
+model.load_state_dict(ckpt["model"])
+model.to(device).eval()
+num_classes = data.DATASETS[dataset_name]["classes"]
+if dataset_name == "cifar100" and args.superclasses:
+    num_classes = 20
+
+
+def load_split(split, transform):
+    ds = data.build_dataset(dataset_name, data_dir, split, transform)
+    if dataset_name == "cifar100" and args.superclasses:
+        ds.labels = data.load_cifar(data_dir, split != "eval", "cifar100", coarse=True)[1]
+    return ds
+
+
+@torch.no_grad()
+def extract(ds):
+    """Backbone features, head-0 logits and labels of every sample, in dataset order.
+
+    Each process takes every world_size-th sample; the shares are padded to one length and gathered."""
+    n = len(ds)
+    mine = list(range(rank, n, world_size))
+    mine += mine[-1:] * (-(-n // world_size) - len(mine))  # equal shares for all_gather
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=use_cuda)
+    feats, logits, labels, index = [], [], [], []
+    for x, y, i in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            f = model.backbone(x.to(device, non_blocking=True))
+            out = model.heads[0](model.mlp(f))
+            if model.logit_bn is not None:
+                out = model.logit_bn[0](out)
+        feats.append(f.float())
+        logits.append(out.float())
+        labels.append(y.to(device))
+        index.append(i.to(device))
+    feats, logits, labels, index = (all_gather_cat(torch.cat(t)) for t in (feats, logits, labels, index))
+    order = torch.empty(n, dtype=torch.long, device=device)
+    order[index] = torch.arange(len(index), device=device)  # duplicates of the padding land on one row
+    return feats[order], logits[order], labels[order]
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k, temp, chunk=1024):
+    # DINO's weighted kNN: the k most similar train features vote with weight exp(cosine / temp)
+    C = int(train_y.max()) + 1
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    correct = 0
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), C, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temp).exp())
+        correct += (votes.argmax(dim=1) == test_y[s:s + chunk]).sum().item()
+    return correct / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y):
+    """One Linear layer on frozen features, cross-entropy, no weight decay, cosine schedule.
+
+    Default: Adam on cached center-crop features (minutes on a CPU); the features are standardised with
+    the training statistics. --linear_aug: the ImageNet protocol, LARS on augmented crops."""
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    C = num_classes
+    if not args.linear_aug:
+        mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+        train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+        clf = torch.nn.Linear(train_f.shape[1], C).to(device)
+        opt = torch.optim.Adam(clf.parameters(), lr=args.linear_lr or 1e-3)
+        steps = args.linear_epochs * -(-len(train_f) // 1024)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(args.linear_epochs):
+            for idx in torch.randperm(len(train_f), generator=g).split(1024):
+                idx = idx.to(device)
+                loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            return (clf(test_f).argmax(1) == test_y).float().mean().item()
+    # augmented protocol: crops through the frozen backbone every epoch, probe trained under DDP
+    d = data.DATASETS[dataset_name]
+    from torchvision import transforms
+    aug = transforms.Compose([transforms.RandomResizedCrop(d["size"]), transforms.RandomHorizontalFlip(),
+                              transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
+    ds = load_split("train_labeled", aug)
+    clf = torch.nn.Linear(model.feat_dim, C).to(device)
+    clf.weight.data.normal_(0, 0.01)
+    clf.bias.data.zero_()
+    if ddp:
+        clf = torch.nn.parallel.DistributedDataParallel(clf, device_ids=[device.index] if use_cuda else None)
+    global_batch = args.batch_size * world_size
+    opt = LARS(clf.parameters(), lr=args.linear_lr or 0.8 * global_batch / 4096, momentum=0.9)
+    sampler = data.EpochSampler(len(ds), global_batch, world_size, rank, args.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=use_cuda)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * sampler.steps)
+    for epoch in range(args.linear_epochs):
+        sampler.set_epoch(epoch)
+        for x, y, _ in loader:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                f = model.backbone(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(clf(f.float()), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    clf = clf.module if ddp else clf
+    with torch.no_grad():
+        return (clf(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def kmeans_scores(x, y, prefix):
+    # scipy's k-means++ with k = number of classes, scored with the clustering metrics
+    from scipy.cluster.vq import kmeans2
+    _, assign = kmeans2(x.astype(np.float64), num_classes, iter=50, minit="++", seed=args.seed)
+    return {f"{prefix}_{k}": v for k, v in metrics.cluster_metrics(y, assign).items()}
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+
+def show_image(ds, i):
+    # the evaluation crop, un-normalised, as an (H, W[, 3]) array in [0, 1]
+    d = data.DATASETS[dataset_name]
+    x = ds[i][0] * torch.tensor(d["std"])[:, None, None] + torch.tensor(d["mean"])[:, None, None]
+    x = x.clamp(0, 1).permute(1, 2, 0).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def plot_examples(ds, pred, conf, y, path, rows=20, cols=10):
+    """The most confident evaluation images of each predicted class (largest classes first if there are many)."""
+    import matplotlib.pyplot as plt
+    classes = np.bincount(pred, minlength=num_classes).argsort()[::-1][:rows]
+    classes = np.sort(classes[np.bincount(pred, minlength=num_classes)[classes] > 0])
+    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.9, len(classes) * 0.95), squeeze=False)
+    for r, c in enumerate(classes):
+        members = np.flatnonzero(pred == c)
+        members = members[np.argsort(-conf[members])][:cols]
+        majority = np.bincount(y[pred == c]).argmax()
+        purity = (y[pred == c] == majority).mean()
+        for k, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if k < len(members):
+                ax.imshow(show_image(ds, members[k]), cmap="gray", vmin=0, vmax=1)
+        axes[r][0].set_title(f"class {c}: {len(pred[pred == c])} imgs, {purity:.0%} true class {majority}",
+                             fontsize=7, loc="left")
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(y, pred, path):
+    """Row-normalised confusion matrix, predicted classes ordered by their Hungarian match."""
+    import matplotlib.pyplot as plt
+    from scipy.optimize import linear_sum_assignment
+    ys, yi = np.unique(y, return_inverse=True)
+    ps, pi = np.unique(pred, return_inverse=True)
+    M = np.zeros((len(ys), len(ps)))
+    np.add.at(M, (yi, pi), 1)
+    rows, cols = linear_sum_assignment(M, maximize=True)
+    order = list(cols[np.argsort(rows)]) + [j for j in range(len(ps)) if j not in set(cols)]
+    M = M[:, order] / M.sum(1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("predicted class (matched order)")
+    ax.set_ylabel("true class")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(log_path, path):
+    """Loss, learning rate, classes used by head 0 and, where logged, ACC, per epoch of log.jsonl."""
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    keys = [k for k in ("loss", "lr", "classes", "acc") if any(k in r for r in log)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["epoch"], r[k]) for r in log if k in r]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set_xlabel("epoch")
+        ax.set_title(k)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# scoring
+t0 = time.time()
+eval_tf = data.eval_transform(dataset_name)
+eval_ds = load_split("eval", eval_tf)
+eval_f, eval_logits, eval_y = extract(eval_ds)
+pred = eval_logits.argmax(1).cpu().numpy()
+y = eval_y.cpu().numpy()
+results = metrics.cluster_metrics(y, pred)
+results["classes_used"] = int(len(np.unique(pred)))
+results["num_eval"] = len(y)
+if not (args.no_knn and args.no_linear):
+    train_f, _, train_y = extract(load_split("train_labeled", eval_tf))
+    keep = train_y >= 0  # STL-10's unlabelled images have label -1
+    train_f, train_y = train_f[keep], train_y[keep]
+    if not args.no_knn:
+        for k in (20, 200):
+            results[f"knn_top1" if k == 20 else f"knn_top1_k{k}"] = knn_top1(train_f, train_y, eval_f, eval_y, k,
+                                                                             args.knn_temp)
+    if not args.no_linear:
+        results["linear_top1"] = linear_probe(train_f, train_y, eval_f, eval_y)
+if not args.no_kmeans and master:
+    results.update(kmeans_scores(F.normalize(eval_f, dim=1).cpu().numpy(), y, "kmeans"))
+    if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets
+        results.update(kmeans_scores(eval_ds.images.reshape(len(y), -1) / 255.0, y, "kmeans_pixels"))
+results["seconds"] = round(time.time() - t0, 1)
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=ckpt["epoch"], **results)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    for k, v in results.items():
+        print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
+    if not args.no_figures:
+        import matplotlib
+        matplotlib.use("Agg")
+        conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
+        plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"))
+        plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"))
+        log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
+        if os.path.exists(log_path):
+            plot_curves(log_path, os.path.join(out_dir, "curves.png"))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+if ddp:
+    dist.destroy_process_group()

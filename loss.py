@@ -1,0 +1,171 @@
+"""Objectives of the three single-stage self-classification methods, in float32.
+
+Self-Classifier (Amrani et al., ECCV 2022, eq. 5-7), TWIST (Wang et al., 2021, eq. 4-6) and the
+Sinkhorn-Knopp step of SeLa (Asano et al., ICLR 2020, eq. 6-8). Under torch.distributed every batch
+statistic is over the global batch, combined across processes as C-vectors, never [N, C] gathers.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# collectives
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    # The loss on every process depends on the sum over all processes, so the gradient of that sum
+    # with respect to this process's share is the sum of the upstream gradients of all processes.
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum(x):
+    """Differentiable sum over processes; the identity without a process group."""
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
+def all_reduce_max(x):
+    """Maximum over processes, without gradient (it only shifts exponents)."""
+    x = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def _float32(logits):
+    return [[z.float() for z in views] for views in logits]
+
+
+# -----------------------------------------------------------------------------
+# Self-Classifier
+
+
+def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
+    """Cross-entropy between views with a uniform class prior (Self-Classifier, SPEC section 2).
+
+    logits: list over heads of lists over views of [B, C] tensors; views 0 and 1 are the global crops.
+    Every ordered pair of views (i -> j), i != j, except local -> local, contributes
+    -(1/N) sum_n <Q^i_n, log P^j_n>; the result is the mean over pairs and heads. No stop-gradient.
+    """
+    with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
+        logits = _float32(logits)
+        W = world_size()
+        total, n_terms = 0.0, 0
+        for views in logits:
+            V = len(views)
+            B, C = views[0].shape
+            N = B * W  # every process holds the same number of rows (drop_last)
+            Q, logP = [], []
+            for z in views:
+                # target: softmax over the N samples of each class column, then rows normalised to 1
+                m = all_reduce_max(z.max(dim=0).values) / col_tau  # (C,)
+                e = torch.exp(z / col_tau - m)  # (B, C)
+                q = e / all_reduce_sum(e.sum(dim=0))  # (B, C), columns sum to 1 over N
+                Q.append(q / q.sum(dim=1, keepdim=True).clamp_min(eps))
+                # prediction: p(y|x) = p(x|y) p(y) / p(x) with p(y) = 1/C and p(x) = 1/N
+                p = F.softmax(z / row_tau, dim=1)  # (B, C)
+                p = p / all_reduce_sum(p.sum(dim=0)).clamp_min(eps)
+                logP.append(torch.log(N / C * p + eps))
+            # sum_{(i,j)} <Q^i, logP^j> grouped by the predicted view j: a global view j is predicted
+            # from every other view, a local view only from the two global ones
+            Q_all = sum(Q)
+            for j in range(V):
+                target = Q_all - Q[j] if j < 2 else Q[0] + Q[1]
+                total = total - (target * logP[j]).sum() / B
+            n_terms += V * (V - 1) - (V - 2) * (V - 3)
+        return total / n_terms
+
+
+# -----------------------------------------------------------------------------
+# TWIST
+
+
+def _entropy(p, eps):
+    return -(p * torch.log(p + eps)).sum(dim=-1)
+
+
+def twist_loss(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
+    """Symmetric KL between twin class distributions minus a batch-entropy term (TWIST, SPEC section 7).
+
+    Pairs (i, j) with i in {0, 1} and j > i. The mean distribution in the batch-entropy term is over
+    the global batch; per-sample terms are means over this process's rows (DDP averages them).
+    """
+    with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
+        logits = _float32(logits)
+        N = logits[0][0].shape[0] * world_size()
+        total, n_terms = 0.0, 0
+        for views in logits:
+            P = [F.softmax(z, dim=1) for z in views]
+            logP = [torch.log(p + eps) for p in P]
+            Q = [F.softmax(z / tau, dim=1) for z in views]
+            EH = [_entropy(q, eps).mean() for q in Q]  # mean per-sample entropy
+            HE = [_entropy(all_reduce_sum(q.sum(dim=0)) / N, eps) for q in Q]  # entropy of the mean
+            for i in range(min(2, len(views))):
+                for j in range(i + 1, len(views)):
+                    kl_ij = (P[i] * (logP[i] - logP[j])).sum(dim=1).mean()
+                    kl_ji = (P[j] * (logP[j] - logP[i])).sum(dim=1).mean()
+                    term = 0.5 * (kl_ij + kl_ji)
+                    term = term + (1 + lam1) * 0.5 * (EH[i] + EH[j]) - lam2 * 0.5 * (HE[i] + HE[j])
+                    total, n_terms = total + term, n_terms + 1
+        return total / n_terms
+
+
+# -----------------------------------------------------------------------------
+# SeLa
+
+
+def _global_logsumexp(x, dim):
+    # logsumexp over rows held by all processes: local logsumexp, then a max and a sum of K-vectors
+    lse = torch.logsumexp(x, dim=dim)
+    m = all_reduce_max(lse)
+    return m + torch.log(all_reduce_sum(torch.exp(lse - m)))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=1000):
+    """Equipartitioned hard labels from log p(y|x) by Sinkhorn-Knopp on P^lamb (SeLa, SPEC section 8).
+
+    log_p: [B, K] rows of this process (the whole N rows without a process group). Works in the log
+    domain in float64, so P^25 does not underflow. Returns the labels of this process's rows, LongTensor [B].
+    """
+    log_a = lamb * log_p.double()  # (B, K), log of P^lamb
+    B, K = log_a.shape
+    N = all_reduce_sum(torch.tensor(float(B), dtype=torch.float64, device=log_a.device)).item()
+    log_r = torch.full((K,), -math.log(K), dtype=torch.float64, device=log_a.device)
+    log_c = torch.full((B,), -math.log(N), dtype=torch.float64, device=log_a.device)
+    for it in range(max_iter):
+        # r <- (1/K) / (A c): a sum over all N samples, K numbers per process cross the network
+        log_r = -math.log(K) - _global_logsumexp(log_a + log_c[:, None], dim=0)
+        # c <- (1/N) / (A^T r): local to each row
+        log_c_new = -math.log(N) - torch.logsumexp(log_a + log_r[None, :], dim=1)
+        if (it + 1) % 10 == 0:
+            err = all_reduce_sum(torch.exp(log_c - log_c_new).sub(1).abs().sum()).item()
+            if err < tol:
+                log_c = log_c_new
+                break
+        log_c = log_c_new
+    return (log_a + log_r[None, :]).argmax(dim=1)
+
+
+def all_gather_cat(x):
+    """Concatenation of x from all processes along dim 0, without gradient (queue pushes, labels)."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)

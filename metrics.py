@@ -1,0 +1,223 @@
+"""Clustering metrics for Self-Classifier evaluation: NMI, AMI and ARI with scikit-learn's definitions and
+edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), and Hungarian-matched ACC.
+"""
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaln
+
+_EPS = np.finfo(np.float64).eps
+_DENSE_MAX = 1 << 24        # largest classes x clusters table kept dense (bincount); sparse beyond
+_EMI_BLOCK = 1 << 20        # elements per vectorised block in the expected-MI sum
+
+
+def _as_labels(x, name):
+    """A 1-D numpy array from a numpy array, a list or a (possibly CUDA) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+    if hasattr(x, "cpu"):
+        x = x.cpu()
+    if hasattr(x, "numpy"):
+        x = x.numpy()
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {x.shape}")
+    return x
+
+
+class _Table:
+    """Contingency table of true classes (rows, as in sklearn) x predicted clusters (columns).
+
+    n: number of samples; a: class sizes; b: cluster sizes (int64, all > 0);
+    rows, cols, vals: the nonzero cells (row-major order); dense: the full table or None if too large.
+    """
+    __slots__ = ("n", "a", "b", "rows", "cols", "vals", "dense")
+
+
+def _table(y_true, y_pred):
+    y_true = _as_labels(y_true, "y_true")
+    y_pred = _as_labels(y_pred, "y_pred")
+    if y_true.shape[0] != y_pred.shape[0]:
+        raise ValueError(f"y_true and y_pred must have the same length, got {y_true.shape[0]} "
+                         f"and {y_pred.shape[0]}")
+    if y_true.shape[0] == 0:
+        raise ValueError("y_true and y_pred are empty")
+    _, ti = np.unique(y_true, return_inverse=True)
+    _, pi = np.unique(y_pred, return_inverse=True)
+    ti = ti.reshape(-1).astype(np.int64, copy=False)
+    pi = pi.reshape(-1).astype(np.int64, copy=False)
+    t = _Table()
+    t.n = int(y_true.shape[0])
+    t.a = np.bincount(ti).astype(np.int64, copy=False)
+    t.b = np.bincount(pi).astype(np.int64, copy=False)
+    n_cls, n_clu = t.a.size, t.b.size
+    key = ti * n_clu + pi
+    if n_cls * n_clu <= _DENSE_MAX:
+        t.dense = np.bincount(key, minlength=n_cls * n_clu).astype(np.int64, copy=False)
+        nz = np.flatnonzero(t.dense)
+        t.vals = t.dense[nz]
+        t.dense = t.dense.reshape(n_cls, n_clu)
+    else:
+        t.dense = None
+        nz, t.vals = np.unique(key, return_counts=True)
+        t.vals = t.vals.astype(np.int64, copy=False)
+    t.rows, t.cols = np.divmod(nz, n_clu)
+    return t
+
+
+# ----------------------------------------------------------------------------------- internals
+
+def _entropy(counts, n):
+    """Entropy (nats) of a labelling with these nonzero class counts (sklearn: 0 for a single class)."""
+    if counts.size == 1:
+        return 0.0
+    p = counts.astype(np.float64)
+    return float(-np.sum((p / n) * (np.log(p) - np.log(n))))
+
+
+def _mi(t):
+    """Mutual information (nats) from the nonzero cells; per-cell terms below eps are zeroed, the sum
+    is clipped at 0 (sklearn's mutual_info_score)."""
+    if t.a.size == 1 or t.b.size == 1:
+        return 0.0
+    n = t.n
+    v = t.vals.astype(np.float64)
+    p = v / n
+    outer = t.a[t.rows] * t.b[t.cols]                               # int64: a_i * b_j <= n^2
+    terms = p * (np.log(v) - np.log(n)) + p * (2.0 * np.log(n) - np.log(outer))
+    terms[np.abs(terms) < _EPS] = 0.0
+    return float(max(terms.sum(), 0.0))
+
+
+def _emi(a, b, n):
+    """Expected mutual information of two labellings with marginals a and b under the hypergeometric
+    (permutation) model: sum_ij sum_nij nij/n log(n nij / (a_i b_j)) P(nij | a_i, b_j, n).
+
+    The summand depends on (a_i, b_j) only, so the sum runs over distinct sizes weighted by their
+    multiplicities (at most ~sqrt(2n) distinct values each); one loop over distinct a, vectorised over
+    distinct b and the nij range, in blocks of at most _EMI_BLOCK elements."""
+    if a.size == 1 or b.size == 1:
+        return 0.0
+    ua, wa = np.unique(a, return_counts=True)
+    ub, wb = np.unique(b, return_counts=True)
+    if ua.size > ub.size:                                           # symmetric: loop the shorter one
+        ua, wa, ub, wb = ub, wb, ua, wa
+    lfact = gammaln(np.arange(n + 1, dtype=np.float64) + 1.0)      # log k!, k = 0..n
+    logk = np.log(np.maximum(np.arange(n + 1, dtype=np.float64), 1.0))
+    log_n = np.log(n)
+    wb = wb.astype(np.float64)
+    total = 0.0
+    for ai, wai in zip(ua.tolist(), wa.tolist()):
+        lo_all = np.maximum(1, ai + ub - n)
+        hi_all = np.minimum(ai, ub)
+        # log of the nij-independent part of the hypergeometric pmf, per distinct b
+        base_all = lfact[ai] + lfact[n - ai] + lfact[ub] + lfact[n - ub] - lfact[n]
+        const_all = log_n - logk[ai] - logk[ub]
+        width = int((hi_all - lo_all).max()) + 1
+        step = max(1, _EMI_BLOCK // width)
+        acc = 0.0
+        for s in range(0, ub.size, step):
+            sl = slice(s, s + step)
+            lo, hi, bj = lo_all[sl, None], hi_all[sl, None], ub[sl, None]
+            w = int((hi - lo).max()) + 1
+            nij = lo + np.arange(w)
+            valid = nij <= hi
+            nij = np.minimum(nij, hi)                              # keep padded cells indexable
+            logp = (base_all[sl, None] - lfact[nij] - lfact[ai - nij] - lfact[bj - nij]
+                    - lfact[n - ai - bj + nij])
+            term = nij * (const_all[sl, None] + logk[nij]) * np.exp(logp)
+            acc += float(np.dot(wb[sl], np.where(valid, term, 0.0).sum(axis=1)))
+        total += wai * acc
+    return total / n
+
+
+def _nmi(t):
+    if t.a.size == 1 and t.b.size == 1:        # neither labelling splits the data: a perfect match
+        return 1.0
+    mi = _mi(t)
+    if mi == 0.0:
+        return 0.0
+    return float(mi / (0.5 * (_entropy(t.a, t.n) + _entropy(t.b, t.n))))
+
+
+def _ami(t):
+    if t.a.size == 1 and t.b.size == 1:
+        return 1.0
+    if t.a.size == 1 or t.b.size == 1:
+        return 0.0
+    mi = _mi(t)
+    emi = _emi(t.a, t.b, t.n)
+    num = mi - emi
+    den = 0.5 * (_entropy(t.a, t.n) + _entropy(t.b, t.n)) - emi
+    # sklearn's guard against 0/0 (e.g. emi == mi == entropy): keep the sign, floor |.| at eps
+    num = min(num, -_EPS) if num < 0 else max(num, _EPS)
+    den = min(den, -_EPS) if den < 0 else max(den, _EPS)
+    return float(num / den)
+
+
+def _ari(t):
+    n = t.n
+    sum_sq = int(np.dot(t.vals, t.vals))                  # pairs together in both labellings (x2 + n)
+    sum_a = int(np.dot(t.a, t.a))
+    sum_b = int(np.dot(t.b, t.b))
+    # pair confusion counts (ordered pairs), Python ints so nothing overflows
+    tp = sum_sq - n
+    fp = sum_b - sum_sq
+    fn = sum_a - sum_sq
+    tn = n * n - fp - fn - sum_sq
+    if fp == 0 and fn == 0:                               # identical partitions (up to relabelling)
+        return 1.0
+    return float(2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)))
+
+
+def _acc(t):
+    """Hungarian accuracy on M[cluster, class]. Every class gets a distinct cluster maximising the
+    matched count; clusters left over (more clusters than classes) take their majority class. Among
+    maximum matchings, ties are broken towards leaving the clusters with the largest majority unmatched,
+    so the value does not depend on the solver's choice."""
+    if t.dense is not None:
+        m = t.dense.T
+    else:
+        m = np.zeros((t.b.size, t.a.size), dtype=np.int64)
+        m[t.cols, t.rows] = t.vals
+    n_clu, n_cls = m.shape
+    weight = m
+    if n_clu > n_cls:
+        rowmax = m.max(axis=1)
+        scale = int(rowmax.sum()) + 1
+        if int(m.max()) * scale * n_cls < 2 ** 52:          # exact in float64
+            weight = m.astype(np.float64) * scale - rowmax[:, None]
+    r, c = linear_sum_assignment(weight, maximize=True)
+    correct = int(m[r, c].sum())
+    if n_clu > n_cls:
+        unmatched = np.ones(n_clu, dtype=bool)
+        unmatched[r] = False
+        correct += int(m[unmatched].max(axis=1).sum())
+    return correct / t.n
+
+
+# ------------------------------------------------------------------------------------ public API
+
+def cluster_acc(y_true, y_pred):
+    """Hungarian-matched clustering accuracy in [0, 1] (majority class for unmatched clusters)."""
+    return _acc(_table(y_true, y_pred))
+
+
+def nmi(y_true, y_pred):
+    """Normalised mutual information, arithmetic mean of entropies (= sklearn's default)."""
+    return _nmi(_table(y_true, y_pred))
+
+
+def ami(y_true, y_pred):
+    """Adjusted mutual information, arithmetic mean of entropies (= sklearn's default)."""
+    return _ami(_table(y_true, y_pred))
+
+
+def ari(y_true, y_pred):
+    """Adjusted Rand index (= sklearn.metrics.adjusted_rand_score)."""
+    return _ari(_table(y_true, y_pred))
+
+
+def cluster_metrics(y_true, y_pred):
+    """{'nmi', 'ami', 'ari', 'acc'} from one shared contingency table."""
+    t = _table(y_true, y_pred)
+    return {"nmi": _nmi(t), "ami": _ami(t), "ari": _ari(t), "acc": _acc(t)}

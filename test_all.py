@@ -1,0 +1,462 @@
+"""Tests: every one checks a known value, an independent reference or an invariant. CPU only, offline.
+
+    pytest test_all.py            # about 4 minutes on 2 cores
+Workers for the distributed tests are this file run by torchrun: python test_all.py WORKER OUT_FILE.
+"""
+import itertools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import loss
+import metrics
+from lars import LARS
+from metrics import ami, ari, cluster_acc, cluster_metrics, nmi
+from model import NNQueue, NormLinear, SelfClassifier
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+def run(cmd, timeout=600, env=None):
+    """Run a command from the repository folder; fail with its output if it fails."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def torchrun(*args, nproc=2):
+    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", "0", *args]
+
+
+# -----------------------------------------------------------------------------
+# Self-Classifier loss against the formula, written independently: one pair at a time, float64
+
+
+def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
+    terms = []
+    for views in logits:
+        for i, j in itertools.permutations(range(len(views)), 2):
+            if i >= 2 and j >= 2:
+                continue
+            N, C = views[j].shape
+            q = torch.softmax(views[i] / col_tau, dim=0)
+            q = q / torch.maximum(q.sum(dim=1, keepdim=True), torch.tensor(eps, dtype=q.dtype))
+            p = torch.softmax(views[j] / row_tau, dim=1)
+            p = p / torch.maximum(p.sum(dim=0, keepdim=True), torch.tensor(eps, dtype=p.dtype))
+            log_p = torch.log(N / C * p + eps)
+            terms.append(-(q * log_p).sum() / N)
+    return torch.stack(terms).mean()
+
+
+def random_logits(heads=(7, 13), views=5, n=24, seed=0, scale=3.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [[(scale * torch.randn(n, c, generator=g, dtype=dtype)).requires_grad_() for _ in range(views)]
+            for c in heads]
+
+
+@pytest.mark.parametrize("views", [2, 3, 8])
+def test_self_classifier_loss_matches_reference(views):
+    logits = random_logits(views=views)
+    ours = loss.self_classifier_loss(logits)
+    ref = reference_self_classifier(logits)
+    assert ours.dtype == torch.float32  # the loss is computed in float32 whatever comes in
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    flat = [z for views_ in logits for z in views_]
+    g_ours = torch.autograd.grad(ours, flat)
+    g_ref = torch.autograd.grad(ref, flat)
+    scale = max(b.abs().max().item() for b in g_ref)
+    for a, b in zip(g_ours, g_ref):  # float32 against float64: errors relative to the largest gradient
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_self_classifier_pair_count():
+    # 2 global + 6 local views: V(V-1) - L(L-1) = 56 - 30 = 26 pairs; with all pair terms equal to
+    # log C (equal logits), any other count of pairs in the mean would still give log C, so count
+    # pairs through the reference, which enumerates them one by one
+    logits = random_logits(heads=(5,), views=8)
+    n_pairs = sum(1 for i, j in itertools.permutations(range(8), 2) if not (i >= 2 and j >= 2))
+    assert n_pairs == 26
+    assert loss.self_classifier_loss(logits).item() == pytest.approx(reference_self_classifier(logits).item(), rel=1e-5)
+
+
+def test_self_classifier_known_values():
+    C, N = 10, 40
+    equal = [[torch.zeros(N, C) for _ in range(4)]]
+    assert loss.self_classifier_loss(equal).item() == pytest.approx(math.log(C), rel=1e-6)
+    collapsed = torch.zeros(N, C)
+    collapsed[:, 3] = 2.0  # every sample predicts class 3 (p of the others 2e-9: no float32 underflow)
+    assert loss.self_classifier_loss([[collapsed, collapsed.clone()]]).item() == pytest.approx(math.log(C), rel=1e-5)
+    onehot = 20.0 * F.one_hot(torch.arange(N) % C, C).float()  # balanced, confident, consistent
+    assert abs(loss.self_classifier_loss([[onehot, onehot.clone(), onehot.clone()]]).item()) < 1e-3
+
+
+def test_self_classifier_loss_float32_under_bf16():
+    logits = [[z.detach().to(torch.bfloat16) for z in views] for views in random_logits(dtype=torch.float32)]
+    ref = reference_self_classifier([[z.double() for z in views] for views in logits])
+    assert loss.self_classifier_loss(logits).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# LARS against SPEC section 5, written out per parameter
+
+
+def test_lars_matches_reference():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    nn.init.zeros_(net[0].bias)  # zero norm: plain gradient, no weight decay
+    nn.init.zeros_(net[2].weight)  # zero norm; its gradient is zero at the first step too
+    lr, mom, wd, eta = 0.5, 0.9, 1e-2, 0.02
+    ref = [p.detach().clone() for p in net.parameters()]
+    bufs = [None] * len(ref)
+    opt = LARS(net.parameters(), lr=lr, momentum=mom, weight_decay=wd, trust_coefficient=eta)
+    for step in range(6):
+        x = torch.randn(8, 5)
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        grads = [p.grad.detach().clone() for p in net.parameters()]
+        for k, (p, g) in enumerate(zip(ref, grads)):
+            pn, gn = p.norm().item(), g.norm().item()
+            if pn > 0 and gn > 0:
+                g = (g + wd * p) * (eta * pn / (gn + wd * pn + 1e-8))
+            bufs[k] = g.clone() if bufs[k] is None else mom * bufs[k] + g
+            ref[k] = p - lr * bufs[k]
+        opt.step()
+        for p, r in zip(net.parameters(), ref):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+    assert net[0].bias.abs().sum() > 0  # the zero-initialised parameters moved
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def test_model_shapes_and_multicrop_groups():
+    torch.manual_seed(0)
+    m = SelfClassifier("resnet18", 3, True, mlp_layers=2, mlp_hidden=64, mlp_out=16, cls_sizes=(10, 20)).eval()
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    z, logits = m(crops)
+    assert z.shape == (9, 16) and torch.allclose(z.norm(dim=1), torch.ones(9), atol=1e-5)
+    assert [len(v) for v in logits] == [3, 3] and logits[1][2].shape == (3, 20)
+    # the backbone runs per resolution group: the same numbers as one crop at a time
+    with torch.no_grad():
+        alone = m.heads[0](m.mlp(m.backbone(crops[2])))
+    torch.testing.assert_close(logits[0][2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_norm_linear_is_weight_normalised():
+    head = NormLinear(8, 5)
+    with torch.no_grad():
+        head.g.copy_(torch.arange(1.0, 6.0))
+        head.v.mul_(torch.arange(1.0, 6.0)[:, None] * 7)  # scaling v must not change the output
+    x = F.normalize(torch.randn(4, 8), dim=1)
+    expected = (x @ F.normalize(head.v, dim=1).T) * head.g
+    torch.testing.assert_close(head(x), expected)
+    assert head(x).abs().max() <= 5 + 1e-5  # cosines times g
+
+
+def test_queue_nearest_neighbour_excludes_own_index():
+    q = NNQueue(4, 3)
+    feats = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]]), dim=1)
+    q.push(feats[:3], torch.tensor([10, 11, 12]))
+    assert not q.full
+    q.push(feats[3:], torch.tensor([13]))
+    assert q.full
+    z = F.normalize(torch.tensor([[1.0, 0.1, 0], [1.0, 0.1, 0]]), dim=1)
+    out = q.lookup(z, torch.tensor([99, 10]))  # the second query is image 10 itself
+    torch.testing.assert_close(out[0], feats[0])
+    torch.testing.assert_close(out[1], feats[3])
+    q.push(feats[1:2], torch.tensor([20]))  # FIFO: overwrites the oldest entry
+    assert q.index.tolist() == [20, 11, 12, 13] and int(q.ptr) == 1
+    q2 = NNQueue(4, 3)
+    q2.load_state_dict(q.state_dict())
+    assert q2.full and q2._ptr == 1
+
+
+# -----------------------------------------------------------------------------
+# data: the on-disk formats of torchvision, written by the tests; torchvision's own readers agree
+
+
+def write_idx(path, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_mnist_idx_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    x, y = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    images, labels = data.load_mnist(str(tmp_path), train=False)
+    assert (images == x).all() and (labels == y).all()
+    from torchvision.datasets import FashionMNIST
+    tv = FashionMNIST(str(tmp_path), train=False)
+    assert (tv.data.numpy() == images).all() and (tv.targets.numpy() == labels).all()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        data.load_mnist(str(tmp_path / "FashionMNIST"), train=True)
+
+
+def test_mnist_idx_loader_on_real_fashion_mnist():
+    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    images, labels = data.load_mnist(data.FASHION_MNIST_DIR, train=False)
+    assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_cifar_loaders(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    d10 = tmp_path / "cifar-10-batches-py"
+    d10.mkdir()
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        b = {"data": rng.integers(0, 256, (3, 3072)).astype(np.uint8), "labels": rng.integers(0, 10, 3).tolist()}
+        batches.append(b)
+        with open(d10 / name, "wb") as f:
+            pickle.dump(b, f)
+    images, labels = data.load_cifar(str(tmp_path), train=True)
+    assert images.shape == (15, 32, 32, 3) and labels.tolist() == sum((b["labels"] for b in batches[:5]), [])
+    from torchvision.datasets import CIFAR10, CIFAR100
+    for cls in (CIFAR10, CIFAR100):  # tiny files have other checksums, and no class-name file
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+        monkeypatch.setattr(cls, "_load_meta", lambda self: None)
+    tv = CIFAR10(str(tmp_path), train=True)
+    assert (tv.data == images).all() and tv.targets == labels.tolist()
+    d100 = tmp_path / "cifar-100-python"
+    d100.mkdir()
+    fine, coarse = rng.integers(0, 100, 4), rng.integers(0, 20, 4)
+    with open(d100 / "test", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), "fine_labels": fine.tolist(),
+                     "coarse_labels": coarse.tolist()}, f)
+    x100, y100 = data.load_cifar(str(tmp_path), train=False, name="cifar100")
+    assert (y100 == fine).all() and (data.load_cifar(str(tmp_path), False, "cifar100", coarse=True)[1] == coarse).all()
+    tv100 = CIFAR100(str(tmp_path), train=False)
+    assert (tv100.data == x100).all() and tv100.targets == fine.tolist()
+
+
+def test_stl10_loader(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "stl10_binary"
+    root.mkdir()
+    for part, n in (("train", 3), ("test", 2), ("unlabeled", 4)):
+        rng.integers(0, 256, (n, 3, 96, 96)).astype(np.uint8).tofile(root / f"{part}_X.bin")
+        if part != "unlabeled":
+            rng.integers(1, 11, n).astype(np.uint8).tofile(root / f"{part}_y.bin")
+    x, y = data.load_stl10(str(tmp_path), "train+unlabeled")
+    assert x.shape == (7, 96, 96, 3) and (y[3:] == -1).all() and (y[:3] >= 0).all()
+    from torchvision.datasets import STL10
+    monkeypatch.setattr(STL10, "_check_integrity", lambda self: True)
+    tv = STL10(str(tmp_path), split="train+unlabeled")
+    assert (tv.data.transpose(0, 2, 3, 1) == x).all() and (tv.labels == y).all()
+
+
+def test_multicrop_views_and_determinism():
+    ds = data.build_dataset("synthetic", "", "train", data.train_transform("synthetic", n_local=3), seed=5)
+    crops, label, index = ds[(7, 2)]
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
+    assert index == 7 and label == ds.labels[7]
+    again, _, _ = ds[(7, 2)]  # the same (index, epoch) gives the same crops, whatever came before
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    other, _, _ = ds[(7, 3)]
+    assert not torch.equal(crops[0], other[0])
+
+
+def test_epoch_sampler_same_global_batch_for_any_world_size():
+    one = list(data.EpochSampler(103, 12, 1, 0, seed=3).__iter__())
+    shares = [list(data.EpochSampler(103, 12, 3, r, seed=3).__iter__()) for r in range(3)]
+    assert len(one) == 8 * 12 and all(len(s) == 8 * 4 for s in shares)
+    for step in range(8):
+        merged = sum((s[step * 4:(step + 1) * 4] for s in shares), [])
+        assert merged == one[step * 12:(step + 1) * 12]
+    s = data.EpochSampler(103, 12, 1, 0, seed=3)
+    s.set_epoch(0, start=5)
+    assert list(s) == one[5 * 12:]
+
+
+def test_missing_data_dir_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        data.build_dataset("imagenet", str(tmp_path), "train", None)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        data.build_dataset("cifar10", str(tmp_path), "train", None)
+
+
+# -----------------------------------------------------------------------------
+# metrics against scikit-learn (a test-only dependency) and an independent Hungarian reference
+
+
+def _sk():
+    """sklearn's three scores (a test-only dependency)."""
+    pytest.importorskip("sklearn")
+    from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score,
+                                 normalized_mutual_info_score)
+    return normalized_mutual_info_score, adjusted_mutual_info_score, adjusted_rand_score
+
+
+def _metrics_cases():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 300)
+    noisy = y.copy()
+    flip = rng.random(300) < 0.3
+    noisy[flip] = rng.integers(0, 6, int(flip.sum()))
+    return {
+        "over_clustering": (y, y * 3 + rng.integers(0, 3, 300)),          # 18 clusters, 6 classes
+        "over_clustering_noisy": (y, np.where(flip, rng.integers(0, 20, 300), y * 2 + (y % 2))),
+        "under_clustering": (y, y // 2),
+        "single_cluster": (y, np.zeros(300, dtype=int)),
+        "single_class": (np.full(300, 4), y),
+        "both_single": (np.full(7, 3), np.full(7, -1)),
+        "identical": (y, y.copy()),
+        "permuted": (y, np.array([5, 3, 0, 1, 4, 2])[y]),
+        "noisy": (y, noisy),
+        "noncontiguous_negative": (y * 7 - 20, np.where(noisy % 2 == 0, -noisy * 100, noisy + 10**9)),
+        "independent_exact": (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])),
+        "all_singletons": (np.arange(40), np.arange(40)[::-1].copy()),
+        "random_many": (rng.integers(0, 40, 500), rng.integers(0, 55, 500)),
+        "sklearn_doc": (np.array([0, 0, 1, 1]), np.array([0, 0, 1, 2])),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_metrics_cases()))
+def test_metrics_match_sklearn(case):
+    sk_nmi, sk_ami, sk_ari = _sk()
+    y_true, y_pred = _metrics_cases()[case]
+    assert nmi(y_true, y_pred) == pytest.approx(sk_nmi(y_true, y_pred), abs=1e-6)
+    assert ami(y_true, y_pred) == pytest.approx(sk_ami(y_true, y_pred), abs=1e-6)
+    assert ari(y_true, y_pred) == pytest.approx(sk_ari(y_true, y_pred), abs=1e-6)
+
+
+def test_metrics_match_sklearn_random():
+    sk_nmi, sk_ami, sk_ari = _sk()
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        n = int(rng.integers(1, 150))
+        y_true = rng.integers(-3, int(rng.integers(-2, 10)) + 1, n)
+        y_pred = rng.integers(0, int(rng.integers(1, 15)), n) * 5
+        for ours, ref in ((nmi, sk_nmi), (ami, sk_ami), (ari, sk_ari)):
+            assert ours(y_true, y_pred) == pytest.approx(ref(y_true, y_pred), abs=1e-6)
+
+
+def test_metrics_torch_input():
+    torch = pytest.importorskip("torch")
+    sk_nmi, sk_ami, sk_ari = _sk()
+    y_true, y_pred = _metrics_cases()["noisy"]
+    t_true, t_pred = torch.from_numpy(y_true), torch.from_numpy(y_pred).to(torch.int32)
+    assert nmi(t_true, t_pred) == pytest.approx(sk_nmi(y_true, y_pred), abs=1e-6)
+    assert ami(t_true, t_pred) == pytest.approx(sk_ami(y_true, y_pred), abs=1e-6)
+    assert ari(t_true, t_pred) == pytest.approx(sk_ari(y_true, y_pred), abs=1e-6)
+    assert cluster_acc(t_true, t_pred) == cluster_acc(y_true, y_pred)
+    assert cluster_metrics(t_true, t_pred) == cluster_metrics(y_true, y_pred)
+
+
+def test_metrics_known_values():
+    # values that need no reference implementation
+    assert ari([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+    assert ari([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    assert nmi([0, 0, 1, 1], [0, 1, 0, 1]) == 0.0                       # independent labellings
+    assert nmi([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(0.8)         # MI = log 2 = H(true), H(pred) = 1.5 log 2
+    for f in (nmi, ami, ari):
+        assert f([3, 3, 3], [9, 9, 9]) == 1.0                            # neither labelling splits the data
+        assert f([0, 0, 1, 1, 2], [7, 7, -1, -1, 4]) == pytest.approx(1.0)
+        assert f([0, 0, 0, 0], [0, 1, 2, 3]) == 0.0                      # one class vs all split
+
+
+def _ref_acc(y_true, y_pred):
+    """Brute force: every assignment of min(#clusters, #classes) distinct (cluster, class) pairs; the
+    maximum matched count, and among those the best total with majority classes for unmatched clusters."""
+    y_true, y_pred = list(np.asarray(y_true).tolist()), list(np.asarray(y_pred).tolist())
+    classes, clusters = sorted(set(y_true)), sorted(set(y_pred))
+    count = {(k, c): 0 for k in clusters for c in classes}
+    for c, k in zip(y_true, y_pred):
+        count[(k, c)] += 1
+    best = (-1, -1)
+    if len(clusters) >= len(classes):
+        for chosen in itertools.permutations(clusters, len(classes)):     # chosen[j]: cluster of class j
+            matched = sum(count[(k, c)] for k, c in zip(chosen, classes))
+            rest = sum(max(count[(k, c)] for c in classes) for k in clusters if k not in chosen)
+            best = max(best, (matched, matched + rest))
+    else:
+        for chosen in itertools.permutations(classes, len(clusters)):     # chosen[i]: class of cluster i
+            matched = sum(count[(k, c)] for k, c in zip(clusters, chosen))
+            best = max(best, (matched, matched))
+    return best[1] / len(y_true)
+
+
+def test_metrics_acc_brute_force():
+    rng = np.random.default_rng(2)
+    for _ in range(150):
+        n = int(rng.integers(1, 25))
+        y_true = rng.integers(0, int(rng.integers(1, 5)), n) * 2 - 3
+        y_pred = rng.integers(0, int(rng.integers(1, 6)), n) + 10
+        assert cluster_acc(y_true, y_pred) == pytest.approx(_ref_acc(y_true, y_pred), abs=1e-12)
+
+
+def _labels_from_table(m):
+    """(y_true, y_pred) whose M[cluster, class] table is m."""
+    y_true, y_pred = [], []
+    for k, row in enumerate(m):
+        for c, v in enumerate(row):
+            y_true += [c] * v
+            y_pred += [k] * v
+    return np.array(y_true), np.array(y_pred)
+
+
+def test_metrics_acc_known_values():
+    y = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    assert cluster_acc(y, np.array([2, 0, 3, 1])[y]) == 1.0                  # permuted perfect labelling
+    assert cluster_acc(y, y * 10 - 5) == 1.0
+    # M[cluster, class] = [[1, 2, 0], [2, 0, 0], [0, 0, 4]]: matched 2 + 2 + 4 of 9
+    assert cluster_acc(*_labels_from_table([[1, 2, 0], [2, 0, 0], [0, 0, 4]])) == pytest.approx(8 / 9)
+    # under-clustering: 2 clusters for 3 classes of 2 samples each
+    assert cluster_acc([0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]) == pytest.approx(4 / 6)
+    # over-clustering: the clusters left over take their majority class
+    assert cluster_acc([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2, 3]) == 1.0
+    # tie among maximum matchings (count 4 either way): leaving the clusters with the larger majority
+    # unmatched gives 4 + 2 + 1 = 7, the other one 4 + 1 + 1 = 6
+    assert cluster_acc(*_labels_from_table([[2, 3], [0, 2], [1, 1], [1, 1]])) == pytest.approx(7 / 11)
+    assert cluster_acc([5], [-5]) == 1.0
+
+
+def test_metrics_cluster_metrics_matches_individual():
+    for y_true, y_pred in _metrics_cases().values():
+        out = cluster_metrics(y_true, y_pred)
+        assert set(out) == {"nmi", "ami", "ari", "acc"}
+        assert out == {"nmi": nmi(y_true, y_pred), "ami": ami(y_true, y_pred),
+                       "ari": ari(y_true, y_pred), "acc": cluster_acc(y_true, y_pred)}
+        assert all(isinstance(v, float) for v in out.values())
+
+
+def test_metrics_sparse_table_and_blocked_emi(monkeypatch):
+    # the sparse contingency path (large K) and the blocked expected-MI sum agree with the defaults
+    rng = np.random.default_rng(3)
+    cases = [(rng.integers(0, 30, 400), rng.integers(0, 45, 400)), _metrics_cases()["over_clustering"]]
+    expected = [cluster_metrics(*c) for c in cases]
+    monkeypatch.setattr(metrics, "_DENSE_MAX", 0)
+    monkeypatch.setattr(metrics, "_EMI_BLOCK", 7)
+    for c, exp in zip(cases, expected):
+        got = cluster_metrics(*c)
+        for key in exp:
+            assert got[key] == pytest.approx(exp[key], abs=1e-12)
+
+
+def test_metrics_input_validation():
+    for f in (nmi, ami, ari, cluster_acc, cluster_metrics):
+        with pytest.raises(ValueError, match="same length"):
+            f([0, 1, 2], [0, 1])
+        with pytest.raises(ValueError, match="1-D"):
+            f(np.zeros((2, 2), dtype=int), np.zeros(4, dtype=int))
+        with pytest.raises(ValueError, match="empty"):
+            f([], [])

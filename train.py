@@ -1,0 +1,272 @@
+"""Train Self-Classifier (or TWIST) on unlabelled images, one process or many under torchrun.
+
+    python train.py --dataset synthetic                       # a laptop CPU, about a minute
+    torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /path/to/imagenet
+Running the same command again resumes from OUT_DIR/ckpt.pt.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import loss as losses
+from lars import LARS
+from model import NNQueue, build_model
+
+# -----------------------------------------------------------------------------
+# arguments: None means "the dataset's recipe below"
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--dataset", default="synthetic", choices=list(data.DATASETS))
+parser.add_argument("--data_dir", default=None, help="dataset location (fashion_mnist: /usr/share/datasets/fashion-mnist)")
+parser.add_argument("--download", action="store_true", help="download the dataset with torchvision (needs a network)")
+parser.add_argument("--out_dir", default=None, help="checkpoint and logs go here (default: out/DATASET-METHOD)")
+parser.add_argument("--method", default="self_classifier", choices=["self_classifier", "twist"])
+# model
+parser.add_argument("--arch", default=None, help="resnet18, resnet50, alexnet or cnn (a 4-conv network for CPUs)")
+parser.add_argument("--width", type=int, default=None, help="channels of the first conv of --arch cnn (x2, x4, x8 after)")
+parser.add_argument("--mlp_layers", type=int, default=None, help="Linear layers of the projection MLP (0 = none)")
+parser.add_argument("--mlp_hidden", type=int, default=None, help="hidden width of the projection MLP")
+parser.add_argument("--mlp_out", type=int, default=None, help="embedding dimension (output of the MLP)")
+parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="classes of each head; head 0 is evaluated")
+# objective
+parser.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes")
+parser.add_argument("--col_tau", type=float, default=0.05, help="temperature of the softmax over samples")
+parser.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight of the extra mean sample entropy")
+parser.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
+parser.add_argument("--twist_tau", type=float, default=1.0, help="TWIST temperature of the entropy terms")
+parser.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off)")
+# augmentation
+parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
+parser.add_argument("--size", type=int, default=None, help="global crop side in px")
+parser.add_argument("--local_size", type=int, default=None, help="local crop side in px")
+# optimisation
+parser.add_argument("--epochs", type=int, default=None)
+parser.add_argument("--batch_size", type=int, default=None, help="GLOBAL batch, split evenly over processes")
+parser.add_argument("--lr", type=float, default=None, help="base learning rate per 256 images: lr = lr * batch_size / 256")
+parser.add_argument("--start_lr", type=float, default=None, help="learning rate at step 0, warming up to lr (absolute)")
+parser.add_argument("--warmup_epochs", type=float, default=None, help="linear warmup length in epochs, then cosine")
+parser.add_argument("--final_lr_ratio", type=float, default=1e-3, help="the cosine ends at lr * this")
+parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="SGD momentum, with LARS scaling or plain")
+parser.add_argument("--momentum", type=float, default=0.9)
+parser.add_argument("--weight_decay", type=float, default=None)
+# system
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+parser.add_argument("--workers", type=int, default=None, help="data loading processes per training process")
+parser.add_argument("--log_every", type=int, default=None, help="steps between log lines")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+args = parser.parse_args()
+
+# Recipes. ImageNet: the paper's (SPEC section 3) at a global batch of 2048, 256 per GPU on 8 GPUs,
+# with the linear learning-rate scaling 0.3 x batch / 256. cifar10: the CIFAR-10 report's ResNet-18
+# recipe. Small sets: recipes that run on one GPU or a laptop CPU.
+RECIPES = {
+    "imagenet": dict(arch="resnet50", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=[1000, 2000, 4000, 8000],
+                     queue_len=262144, n_local=6, epochs=100, batch_size=2048, lr=0.3, start_lr=0.3, warmup_epochs=10,
+                     weight_decay=1e-6, workers=10, log_every=50),
+    "stl10": dict(arch="resnet18", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 20, 40, 80],
+                  queue_len=16384, n_local=4, epochs=200, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=10,
+                  weight_decay=1e-6, workers=8, log_every=50),
+    "cifar10": dict(arch="resnet18", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 20, 40, 80],
+                    queue_len=0, n_local=0, epochs=100, batch_size=64, lr=0.3, start_lr=0.0, warmup_epochs=10,
+                    weight_decay=1e-6, workers=4, log_every=100),
+    "cifar100": dict(arch="resnet18", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[100, 200, 400, 800],
+                     queue_len=0, n_local=0, epochs=100, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=10,
+                     weight_decay=1e-6, workers=4, log_every=50),
+    "fashion_mnist": dict(arch="cnn", width=32, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
+                          queue_len=0, n_local=0, epochs=5, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=1,
+                          weight_decay=1e-6, workers=1, log_every=20),
+    "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
+                      queue_len=0, n_local=0, epochs=15, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=1,
+                      weight_decay=1e-6, workers=1, log_every=10),
+}
+RECIPES["mnist"] = RECIPES["fashion_mnist"]
+for k, v in RECIPES[args.dataset].items():
+    if getattr(args, k, None) is None:
+        setattr(args, k, v)
+for k, v in dict(width=32, size=data.DATASETS[args.dataset]["size"],
+                 local_size=data.DATASETS[args.dataset]["local_size"]).items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
+if args.data_dir is None:
+    args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
+args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
+args.in_chans = data.DATASETS[args.dataset]["chans"]
+args.small_stem = args.size <= 32
+
+# -----------------------------------------------------------------------------
+# processes and device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is world size 1
+use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+if ddp:
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+local_rank = int(os.environ.get("LOCAL_RANK", 0))
+if use_cuda:
+    torch.cuda.set_device(local_rank)
+device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+master = rank == 0
+
+
+def print0(*a):
+    if master:
+        print(*a, flush=True)
+
+
+if args.batch_size % world_size:
+    raise SystemExit(f"--batch_size {args.batch_size} (global) does not divide by {world_size} processes")
+local_batch = args.batch_size // world_size
+torch.manual_seed(args.seed)  # the same initial weights on every process
+torch.backends.cudnn.benchmark = True
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda)  # loss stays float32
+
+# -----------------------------------------------------------------------------
+# data
+transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size)
+dataset = data.build_dataset(args.dataset, args.data_dir, "train", transform, args.download, args.seed)
+if len(dataset) < args.batch_size:
+    raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
+                     f"of {args.batch_size}; lower --batch_size")
+sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
+loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
+                                     pin_memory=use_cuda, drop_last=True, persistent_workers=args.workers > 0)
+steps_per_epoch, total_steps = sampler.steps, sampler.steps * args.epochs
+
+# -----------------------------------------------------------------------------
+# model, optimiser, queue
+model = build_model(vars(args))
+if use_cuda:
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(memory_format=torch.channels_last)
+model.to(device)
+optimizer_cls = LARS if args.optimizer == "lars" else torch.optim.SGD
+optimizer = optimizer_cls(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
+queue = NNQueue(args.queue_len, model.mlp.out_dim).to(device) if args.queue_len > 0 else None
+
+# resume: the same command again continues from the checkpoint, or refuses with the differences
+ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+MUST_MATCH = ("dataset", "method", "arch", "width", "in_chans", "small_stem", "mlp_layers", "mlp_hidden", "mlp_out",
+              "cls_sizes", "batch_size", "queue_len", "n_local", "size", "local_size", "seed")
+start_step = 0
+if os.path.exists(ckpt_path):
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    diff = [f"{k}: checkpoint {ckpt['args'].get(k)!r}, now {getattr(args, k)!r}" for k in MUST_MATCH
+            if ckpt["args"].get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
+                         + "\n  ".join(diff))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if queue is not None:
+        queue.load_state_dict(ckpt["queue"])
+    start_step = ckpt["step"]
+    print0(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}, step {start_step}")
+    del ckpt
+raw_model = model
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+
+
+def lr_at(step):
+    # linear warmup from start_lr to lr, then a cosine to lr * final_lr_ratio, per iteration
+    lr = args.lr * args.batch_size / 256
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return args.start_lr + (lr - args.start_lr) * step / warmup
+    t = (step - warmup) / max(1, total_steps - warmup)
+    final = lr * args.final_lr_ratio
+    return final + 0.5 * (lr - final) * (1 + math.cos(math.pi * t))
+
+
+def objective(logits):
+    if args.method == "twist":
+        return losses.twist_loss(logits, args.twist_lam1, args.twist_lam2, args.twist_tau)
+    return losses.self_classifier_loss(logits, args.row_tau, args.col_tau)
+
+
+def save_checkpoint(step):
+    # rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt
+    if not master:
+        return
+    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=step // steps_per_epoch,
+                 step=step, args=vars(args), queue=queue.state_dict() if queue is not None else None)
+    tmp = ckpt_path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_path)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
+       f"process(es) x {local_batch} on {device.type}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+step = start_step
+t_log, step_log, t_start = time.time(), step, time.time()
+for epoch in range(start_step // steps_per_epoch, args.epochs):
+    sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
+    model.train()
+    loss_sum, n_loss = torch.zeros((), device=device), 0
+    for crops, _, index in loader:
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        if use_cuda:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        index = index.to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            z, logits = model(crops, queue, index)
+        loss = objective(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if queue is not None:
+            queue.push(z[:local_batch], index)
+        loss_sum += loss.detach()
+        n_loss += 1
+        step += 1
+        if step % args.log_every == 0 or step == total_steps:
+            # the only host syncs of the loop: the loss and the collapse monitor, every log step
+            stats = torch.stack([loss.detach().float(), torch.zeros((), device=device)])
+            counts = torch.bincount(logits[0][0].argmax(dim=1), minlength=args.cls_sizes[0])
+            if ddp:
+                dist.all_reduce(stats)
+                dist.all_reduce(counts)
+            loss_val = stats[0].item() / world_size
+            if not math.isfinite(loss_val):
+                raise SystemExit(f"loss is {loss_val} at step {step} (epoch {epoch}); stopping without saving, "
+                                 f"{ckpt_path} keeps the last good state. Lower --lr or check the data.")
+            dt = (time.time() - t_log) / (step - step_log)
+            eta = dt * (total_steps - step)
+            print0(f"step {step}/{total_steps} | ep {epoch} | loss {loss_val:.4f} | lr {lr_at(step - 1):.4g} | "
+                   f"{dt * 1000:.0f} ms/step | {args.batch_size / dt:,.0f} img/s | "
+                   f"classes {int((counts > 0).sum())}/{args.cls_sizes[0]} | eta {fmt_time(eta)}")
+            t_log, step_log = time.time(), step
+    save_checkpoint(step)
+    mean_loss = loss_sum / max(n_loss, 1)
+    if ddp:
+        dist.all_reduce(mean_loss)
+        mean_loss /= world_size
+    if master:
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(epoch=epoch + 1, step=step, loss=mean_loss.item(), lr=lr_at(step - 1),
+                                    time=time.time() - t_start)) + "\n")
+print0(f"done: {args.epochs} epochs in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()
