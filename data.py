@@ -15,22 +15,23 @@ from torchvision import datasets, transforms
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Per-dataset image facts and crop recipe. size/local_size: global and local crop sides in px;
-# scale/local_scale: RandomResizedCrop area ranges; blur: Gaussian blur as in DINO (off for tiny
+# scale/local_scale: RandomResizedCrop area ranges; scale_2views: the global crops' range when there
+# are no local crops (the paper: 0.14-1 on ImageNet; tiny objects need more of the image); blur: Gaussian blur as in DINO (off for tiny
 # images, where it erases the object); eval_resize: shorter side before the center crop.
 DATASETS = {
-    "imagenet": dict(chans=3, classes=1000, size=224, local_size=96, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "imagenet": dict(chans=3, classes=1000, size=224, local_size=96, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
                      blur=True, eval_resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "stl10": dict(chans=3, classes=10, size=96, local_size=48, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "stl10": dict(chans=3, classes=10, size=96, local_size=48, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
                   blur=True, eval_resize=96, mean=(0.447, 0.440, 0.405), std=(0.260, 0.257, 0.271)),
-    "cifar10": dict(chans=3, classes=10, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "cifar10": dict(chans=3, classes=10, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
                     blur=False, eval_resize=32, mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)),
-    "cifar100": dict(chans=3, classes=100, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "cifar100": dict(chans=3, classes=100, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
                      blur=False, eval_resize=32, mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276)),
-    "mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.3, 1.0),
                   blur=False, eval_resize=28, mean=(0.131,), std=(0.308,)),
-    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.3, 1.0),
                           blur=False, eval_resize=28, mean=(0.286,), std=(0.353,)),
-    "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4),
+    "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4), scale_2views=(0.5, 1.0),
                       blur=False, eval_resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
 }
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -56,13 +57,10 @@ class MultiCrop:
     """2 global crops and n_local local crops of one PIL image, DINO's augmentations (SPEC section 3).
 
     View 0: blur p 0.1; view 1: blur p 1.0 and solarisation p 0.2; local crops: blur p 0.5.
-    Without local crops the global crops sample scale from (0.14, 1), as the paper does.
     """
 
     def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True):
         bicubic = transforms.InterpolationMode.BICUBIC
-        if n_local == 0:
-            scale = (0.14, scale[1])
         jitter = [transforms.RandomHorizontalFlip(),
                   transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                   transforms.RandomGrayscale(p=0.2)]
@@ -83,18 +81,19 @@ class MultiCrop:
         return [t(img) for t in self.views]
 
 
-def eval_transform(name):
-    """Resize the shorter side, center crop, normalise: one tensor per image, as in every protocol."""
+def eval_transform(name, size=None):
+    """Resize the shorter side, center crop to the training crop size (default: the dataset's), normalise."""
     d = DATASETS[name]
+    size = size or d["size"]
     return transforms.Compose([
-        transforms.Resize(d["eval_resize"], interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(d["size"]), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
+        transforms.Resize(round(size * d["eval_resize"] / d["size"]), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
 
 
 def train_transform(name, n_local, size=None, local_size=None):
     d = DATASETS[name]
-    return MultiCrop(size or d["size"], local_size or d["local_size"], d["scale"], d["local_scale"],
-                     n_local, d["mean"], d["std"], d["blur"])
+    return MultiCrop(size or d["size"], local_size or d["local_size"], d["scale"] if n_local else d["scale_2views"],
+                     d["local_scale"], n_local, d["mean"], d["std"], d["blur"])
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -254,7 +253,7 @@ def make_synthetic(n, seed, size=16, classes=10):
     position and scale, with a colour and brightness jitter, on a noisy background."""
     g = np.random.default_rng(seed)
     palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [250, 190, 190], [255, 255, 255]], np.float32)
+                        [145, 30, 180], [70, 240, 240], [128, 128, 128], [170, 110, 40], [255, 255, 255]], np.float32)
     labels = np.arange(n) % classes
     g.shuffle(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -275,18 +274,24 @@ def make_synthetic(n, seed, size=16, classes=10):
               (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55)]  # hollow square
     mask = np.stack(shapes[:classes], 1)[np.arange(n), labels].astype(np.float32)  # (n, size, size)
     colour = palette[labels % len(palette)] * g.uniform(0.7, 1.1, (n, 1)) + g.normal(0, 12, (n, 3))
-    background = g.uniform(0, 60, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
+    background = g.uniform(0, 30, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
     img = background * (1 - mask[..., None]) + colour[:, None, None, :] * mask[..., None]
     img += g.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def build_dataset(name, data_dir, split, transform, download=False, seed=0):
+def build_dataset(name, data_dir, split, transform, download=False, seed=0, holdout=0):
     """split: "train" (what training sees, unlabelled), "train_labeled" (for kNN and linear probe)
-    or "eval" (the evaluation split: ImageNet val, the test sets, the synthetic held-out set)."""
+    or "eval" (the evaluation split: ImageNet val, the test sets, the synthetic held-out set).
+
+    holdout > 0 (in-memory datasets): a validation split for choosing hyper-parameters; the last
+    holdout images of a fixed permutation of the training set become "eval", the rest the training
+    splits, and the test set is not read."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    train = split != "eval"
+    if holdout and name == "imagenet":
+        raise ValueError("--holdout is for the in-memory datasets; ImageNet has its own val folder")
+    train = split != "eval" or holdout > 0
     if name == "imagenet":
         root = os.path.join(data_dir, "train" if train else "val")
         if not os.path.isdir(root) or not any(os.scandir(root)):
@@ -302,6 +307,12 @@ def build_dataset(name, data_dir, split, transform, download=False, seed=0):
     else:
         images, labels = load_stl10(data_dir, {"train": "train+unlabeled", "train_labeled": "train", "eval": "test"}[split],
                                     download)
+    if holdout:
+        if not 0 < holdout < len(images):
+            raise ValueError(f"--holdout {holdout} must be between 0 and the {len(images)} training images")
+        perm = np.random.default_rng(12345).permutation(len(images))
+        keep = perm[-holdout:] if split == "eval" else np.sort(perm[:-holdout])
+        images, labels = images[keep], labels[keep]
     if len(images) == 0:
         raise ValueError(f"--data_dir {data_dir}: the {name} {split} split is empty")
     return ArrayDataset(images, labels, transform, seed)

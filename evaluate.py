@@ -18,7 +18,7 @@ import data
 import metrics
 from lars import LARS
 from loss import all_gather_cat
-from model import build_model
+from model import build_model, load_checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
@@ -39,6 +39,8 @@ parser.add_argument("--linear_lr", type=float, default=None, help="linear probe 
                     "(default: 1e-3 Adam on cached features; 0.8 x batch / 4096 LARS with --linear_aug)")
 parser.add_argument("--linear_aug", action="store_true", help="ImageNet protocol: train the probe on "
                     "RandomResizedCrop + flip through the frozen backbone (slow) instead of on cached center crops")
+parser.add_argument("--holdout", type=int, default=None, help="score on the validation split of this many training "
+                    "images (default: the checkpoint's --holdout; 0 = the test set)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -62,11 +64,12 @@ def print0(*a):
 
 if not os.path.isfile(args.ckpt):
     raise SystemExit(f"--ckpt {args.ckpt}: no such file")
-ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+ckpt = load_checkpoint(args.ckpt)
 train_args = ckpt["args"]
 dataset_name = args.dataset or train_args["dataset"]
 data_dir = args.data_dir or train_args["data_dir"]
 out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+holdout = train_args.get("holdout", 0) if args.holdout is None else args.holdout
 model = build_model(train_args)
 model.load_state_dict(ckpt["model"])
 model.to(device).eval()
@@ -76,8 +79,10 @@ if dataset_name == "cifar100" and args.superclasses:
 
 
 def load_split(split, transform):
-    ds = data.build_dataset(dataset_name, data_dir, split, transform)
+    ds = data.build_dataset(dataset_name, data_dir, split, transform, holdout=holdout)
     if dataset_name == "cifar100" and args.superclasses:
+        if holdout:
+            raise SystemExit("--superclasses with a --holdout checkpoint is not supported")
         ds.labels = data.load_cifar(data_dir, split != "eval", "cifar100", coarse=True)[1]
     return ds
 
@@ -150,7 +155,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
     # augmented protocol: crops through the frozen backbone every epoch, probe trained under DDP
     d = data.DATASETS[dataset_name]
     from torchvision import transforms
-    aug = transforms.Compose([transforms.RandomResizedCrop(d["size"]), transforms.RandomHorizontalFlip(),
+    aug = transforms.Compose([transforms.RandomResizedCrop(train_args["size"]), transforms.RandomHorizontalFlip(),
                               transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
     ds = load_split("train_labeled", aug)
     clf = torch.nn.Linear(model.feat_dim, C).to(device)
@@ -261,7 +266,7 @@ def plot_curves(log_path, path):
 # -----------------------------------------------------------------------------
 # scoring
 t0 = time.time()
-eval_tf = data.eval_transform(dataset_name)
+eval_tf = data.eval_transform(dataset_name, train_args["size"])
 eval_ds = load_split("eval", eval_tf)
 eval_f, eval_logits, eval_y = extract(eval_ds)
 pred = eval_logits.argmax(1).cpu().numpy()
@@ -290,12 +295,13 @@ if master:
     results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=ckpt["epoch"], **results)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
+    conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
+    np.savez(os.path.join(out_dir, "predictions.npz"), label=y, pred=pred, confidence=conf)
     for k, v in results.items():
         print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
     if not args.no_figures:
         import matplotlib
         matplotlib.use("Agg")
-        conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
         plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"))
         plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"))
         log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")

@@ -129,6 +129,17 @@ def twist_loss(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
 # SeLa
 
 
+def sela_loss(logits, targets, tau=0.1):
+    """Cross-entropy of every head and view against the stored pseudo-labels (SeLa, SPEC section 8).
+
+    targets: LongTensor [H, B], head h's labels of this batch's images. The heads here output cosines
+    (times g), so the softmax has a temperature tau.
+    """
+    with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
+        terms = [F.cross_entropy(z.float() / tau, targets[h]) for h, views in enumerate(logits) for z in views]
+        return torch.stack(terms).mean()
+
+
 def _global_logsumexp(x, dim):
     # logsumexp over rows held by all processes: local logsumexp, then a max and a sum of K-vectors
     lse = torch.logsumexp(x, dim=dim)

@@ -173,3 +173,13 @@ def build_model(a):
     """The model described by a training run's arguments (a dict, as stored in the checkpoint)."""
     return SelfClassifier(a["arch"], a["in_chans"], a["small_stem"], a["width"], a["mlp_layers"], a["mlp_hidden"],
                           a["mlp_out"], tuple(a["cls_sizes"]), logit_bn=a["method"] == "twist")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain Python values only, never pickled code."""
+    import pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{path} is not a plain checkpoint of tensors and Python values; refusing to load it "
+                         f"(it may carry code). Details: {str(e).splitlines()[0]}") from None

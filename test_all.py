@@ -37,7 +37,7 @@ def run(cmd, timeout=600, env=None):
 
 
 def torchrun(*args, nproc=2):
-    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", "0", *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 # -----------------------------------------------------------------------------
@@ -106,6 +106,83 @@ def test_self_classifier_loss_float32_under_bf16():
     logits = [[z.detach().to(torch.bfloat16) for z in views] for views in random_logits(dtype=torch.float32)]
     ref = reference_self_classifier([[z.double() for z in views] for views in logits])
     assert loss.self_classifier_loss(logits).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# TWIST and SeLa against independent float64 references
+
+
+def reference_twist(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
+    def H(p):
+        return -(p * torch.log(p + eps)).sum(-1)
+
+    terms = []
+    for views in logits:
+        for i in (0, 1):
+            for j in range(i + 1, len(views)):
+                pi, pj = torch.softmax(views[i], 1), torch.softmax(views[j], 1)
+                kl = 0.5 * ((pi * (torch.log(pi + eps) - torch.log(pj + eps))).sum(1).mean()
+                            + (pj * (torch.log(pj + eps) - torch.log(pi + eps))).sum(1).mean())
+                qi, qj = torch.softmax(views[i] / tau, 1), torch.softmax(views[j] / tau, 1)
+                eh = 0.5 * (H(qi).mean() + H(qj).mean())
+                he = 0.5 * (H(qi.mean(0)) + H(qj.mean(0)))
+                terms.append(kl + (1 + lam1) * eh - lam2 * he)
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(lam1=0.5, lam2=2.0, tau=0.5)])
+def test_twist_loss_matches_reference(kw):
+    logits = random_logits(views=5, scale=2.0)
+    ours, ref = loss.twist_loss(logits, **kw), reference_twist(logits, **kw)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    flat = [z for v in logits for z in v]
+    g_ref = torch.autograd.grad(ref, flat)
+    scale = max(b.abs().max().item() for b in g_ref)
+    for a, b in zip(torch.autograd.grad(ours, flat), g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5 * scale)
+
+
+def reference_sinkhorn(log_p, lamb, tol=0.1, max_iter=1000):
+    # SPEC section 8 as written, in float64 without logs: A = P^lamb, alternate r and c
+    A = torch.exp(lamb * log_p.double())  # (N, K)
+    N, K = A.shape
+    r, c = torch.full((K,), 1.0 / K, dtype=torch.float64), torch.full((N,), 1.0 / N, dtype=torch.float64)
+    for it in range(max_iter):
+        r = (1.0 / K) / (A.T @ c)
+        c_new = (1.0 / N) / (A @ r)
+        if (it + 1) % 10 == 0 and (c / c_new - 1).abs().sum() < tol:
+            c = c_new
+            break
+        c = c_new
+    return (A * r[None, :]).argmax(1)
+
+
+@pytest.mark.parametrize("lamb", [10.0, 25.0])
+def test_sinkhorn_matches_reference_and_balances(lamb):
+    g = torch.Generator().manual_seed(0)
+    N, K = 600, 12
+    skew = torch.zeros(K)
+    skew[0] = 2.0  # most samples prefer class 0: the equipartition has to undo that
+    log_p = torch.log_softmax(torch.randn(N, K, generator=g) * 0.4 + skew, dim=1)
+    ours = loss.sinkhorn_knopp(log_p, lamb)
+    assert ours.dtype == torch.long and ours.shape == (N,)
+    assert torch.equal(ours, reference_sinkhorn(log_p, lamb))
+    assert np.bincount(ours.numpy(), minlength=K).max() <= 1.25 * N / K
+    assert np.bincount(log_p.argmax(1).numpy(), minlength=K).max() > 1.25 * N / K  # argmax alone is not balanced
+
+
+def test_sinkhorn_no_underflow_where_float32_would():
+    log_p = torch.log_softmax(torch.randn(300, 10, generator=torch.Generator().manual_seed(1)) * 8, dim=1)
+    assert (torch.exp(25 * log_p) == 0).any()  # P^25 underflows in float32
+    labels = loss.sinkhorn_knopp(log_p, 25.0)
+    assert np.bincount(labels.numpy(), minlength=10).max() <= 1.25 * 30
+
+
+def test_sela_loss_is_cross_entropy():
+    logits = random_logits(heads=(4, 6), views=3, n=5, dtype=torch.float32)
+    targets = torch.stack([torch.arange(5) % 4, torch.arange(5) % 6])
+    expected = np.mean([F.cross_entropy(z / 0.1, targets[h]).item() for h, v in enumerate(logits) for z in v])
+    assert loss.sela_loss(logits, targets, 0.1).item() == pytest.approx(expected, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -460,3 +537,299 @@ def test_metrics_input_validation():
             f(np.zeros((2, 2), dtype=int), np.zeros(4, dtype=int))
         with pytest.raises(ValueError, match="empty"):
             f([], [])
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun with 2 processes (gloo) against one process on the whole global batch
+
+
+class TinyNet(nn.Module):
+    """A BatchNorm-free network, so that 2 processes and 1 process compute the same function."""
+
+    def __init__(self, cls_sizes=(6, 11)):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.heads = nn.ModuleList(NormLinear(8, c) for c in cls_sizes)
+
+    def forward(self, views):
+        z = F.normalize(self.body(torch.cat(views)), dim=1)
+        return [list(head(z).chunk(len(views))) for head in self.heads]
+
+
+def tiny_problem(method):
+    torch.manual_seed(0)
+    net = TinyNet()
+    views = list(torch.randn(4, 16, 12, generator=torch.Generator().manual_seed(1)))  # 4 views, N = 16
+    objective = {"self_classifier": loss.self_classifier_loss, "twist": loss.twist_loss}[method]
+    return net, views, objective
+
+
+def worker_ddp_grads(out, method):
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net, views, objective = tiny_problem(method)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    B = 16 // world
+    shapes = []  # every tensor that the loss sends through a Python-level collective
+    real = dist.all_reduce
+
+    def recording(t, *a, **k):
+        shapes.append(tuple(t.shape))
+        return real(t, *a, **k)
+
+    dist.all_reduce = recording
+    value = objective(ddp([v[rank * B:(rank + 1) * B] for v in views]))
+    value.backward()
+    dist.all_reduce = real
+    mean = value.detach().clone()
+    dist.all_reduce(mean)
+    if rank == 0:
+        torch.save(dict(grads=[p.grad for p in net.parameters()], loss=mean / world, shapes=shapes), out)
+    dist.destroy_process_group()
+
+
+def worker_sinkhorn(out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
+    rows = torch.arange(rank, 501, world)  # unequal shares: 251 and 250 rows
+    labels = loss.sinkhorn_knopp(log_p[rows], 25.0)
+    pad = 251 - len(rows)
+    all_rows = loss.all_gather_cat(F.pad(rows, (0, pad), value=-1))
+    all_labels = loss.all_gather_cat(F.pad(labels, (0, pad), value=-1))
+    table = torch.full((501,), -1, dtype=torch.long)
+    table[all_rows[all_rows >= 0]] = all_labels[all_rows >= 0]
+    torch.save(table, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_two_processes_give_the_one_process_table(tmp_path):
+    out = str(tmp_path / "table")
+    run(torchrun(__file__, "sinkhorn", out))
+    log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
+    single = loss.sinkhorn_knopp(log_p, 25.0)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(f"{out}.{rank}", weights_only=True), single)
+
+
+@pytest.mark.parametrize("method", ["self_classifier", "twist"])
+def test_ddp_gradients_equal_single_process(tmp_path, method):
+    out = str(tmp_path / "ddp.pt")
+    run(torchrun(__file__, "ddp_grads", out, method))
+    got = torch.load(out, weights_only=True)
+    net, views, objective = tiny_problem(method)
+    value = objective(net(views))
+    value.backward()
+    assert got["loss"].item() == pytest.approx(value.item(), rel=1e-5)
+    for a, p in zip(got["grads"], net.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    # only C-vectors (and scalars) crossed processes: never an [N, C] or [B, C] tensor
+    assert got["shapes"] and max(math.prod(s) for s in got["shapes"]) <= max(TinyNet().heads[-1].g.shape)
+    assert all(len(s) <= 1 for s in got["shapes"])
+
+
+# -----------------------------------------------------------------------------
+# end to end: the real command lines
+
+
+def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=()):
+    out = str(tmp_path / "run")
+    log = run([*launcher, "train.py", "--out_dir", out, *train_args])
+    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", *eval_args])
+    with open(f"{out}/metrics.json") as f:
+        return log, json.load(f), out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_synthetic_defaults_reach_acc_09(tmp_path, nproc):
+    launcher = (PY,) if nproc == 1 else torchrun(nproc=nproc)
+    log, m, out = train_and_evaluate(tmp_path, "--dataset", "synthetic", launcher=launcher,
+                                     eval_args=("--no_linear", "--no_kmeans", "--no_figures"))
+    assert m["acc"] >= 0.9, m
+    saved = np.load(f"{out}/predictions.npz")  # metrics.json holds what metrics.py says of the predictions
+    assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
+    assert "classes 10/10" in log and "img/s" in log and "eta" in log
+    epochs = [json.loads(line) for line in open(f"{out}/log.jsonl")]
+    assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+
+
+def make_jpeg_folder(root, classes=3, train_per_class=12, val_per_class=4, seed=0):
+    """An ImageFolder of real JPEG photos: crops of matplotlib's sample photo at ImageNet-like sizes,
+    each class with its own colour cast."""
+    from matplotlib import cbook
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+    tints = np.array([[1.3, 0.8, 0.8], [0.8, 1.3, 0.8], [0.8, 0.8, 1.3], [1.2, 1.2, 0.7]])
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"n{c:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for k in range(n):
+                h, w = int(rng.integers(200, photo.shape[0])), int(rng.integers(200, photo.shape[1]))
+                y0, x0 = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+                img = np.clip(photo[y0:y0 + h, x0:x0 + w] * tints[c % len(tints)], 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f"img_{k}.JPEG"), quality=90)
+    return root
+
+
+def test_imagenet_path_end_to_end_torchrun(tmp_path):
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    log, m, out = train_and_evaluate(
+        tmp_path, "--dataset", "imagenet", "--data_dir", root, "--arch", "resnet18", "--size", "64", "--local_size",
+        "32", "--n_local", "2", "--batch_size", "12", "--epochs", "2", "--cls_sizes", "3", "6", "--queue_len", "12",
+        "--mlp_hidden", "64", "--warmup_epochs", "1", "--workers", "1", "--log_every", "1", launcher=torchrun(nproc=2),
+        eval_args=("--no_linear", "--no_figures"))
+    assert "2 process(es) x 6" in log and "step 6/6" in log
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6
+    assert (ckpt["queue"]["index"] >= 0).all()  # 36 pushed into 12 places: full, and saved
+    assert m["num_eval"] == 12 and 0 <= m["acc"] <= 1 and 0 <= m["knn_top1"] <= 1
+    # the backbone loads into plain torchvision for downstream use (README, "Using the backbone")
+    import torchvision
+    net = torchvision.models.resnet18()
+    net.fc = nn.Identity()
+    net.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")})
+    ours = SelfClassifier("resnet18", mlp_hidden=64, cls_sizes=(3, 6))
+    ours.load_state_dict(ckpt["model"])
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(net.eval()(x), ours.eval().backbone(x))
+
+
+SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--batch_size", "128", "--epochs", "3", "--log_every", "5")
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    import signal
+    import time
+    straight = str(tmp_path / "straight")
+    run([PY, "train.py", *SMALL_RUN, "--out_dir", straight])
+    out = str(tmp_path / "killed")
+    cmd = [PY, "train.py", *SMALL_RUN, "--out_dir", out]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(f"{out}/ckpt.pt") and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # somewhere inside the second epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] < 3  # it really was interrupted
+    log = run(cmd)
+    assert "resumed from" in log
+    a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
+    b = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out])
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    p = subprocess.run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out, "--cls_sizes", "10", "30",
+                        "--arch", "resnet18"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in p.stderr and "arch: checkpoint 'cnn', now 'resnet18'" in p.stderr
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+# -----------------------------------------------------------------------------
+# failures: each case through the real command line
+
+
+def fails(cmd, timeout=300):
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode != 0, p.stdout[-2000:]
+    return p.stdout + p.stderr
+
+
+def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
+    err = fails(torchrun("train.py", *SMALL_RUN, "--batch_size", "127", "--out_dir", str(tmp_path / "a")))
+    assert "--batch_size 127 (global) does not divide by 2 processes" in err
+    err = fails([PY, "train.py", *SMALL_RUN, "--batch_size", "8192", "--out_dir", str(tmp_path / "b")])
+    assert "has 5000 images, fewer than one global batch of 8192" in err
+    err = fails([PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
+                 str(tmp_path / "c")])
+    assert f"{tmp_path / 'nowhere' / 'train'}" in err and "ImageFolder layout" in err
+    err = fails([PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "d")])
+    assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
+    assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
+
+
+CNN_FOLDER_RUN = ("--dataset", "imagenet", "--arch", "cnn", "--width", "8", "--size", "32", "--n_local", "0",
+                  "--batch_size", "12", "--cls_sizes", "3", "--queue_len", "0", "--workers", "1", "--mlp_hidden", "32")
+
+
+def test_corrupt_image_is_named_and_last_checkpoint_kept(tmp_path):
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    out = str(tmp_path / "run")
+    run([PY, "train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "1", "--out_dir", out])
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    bad = os.path.join(root, "train", "n00000001", "img_3.JPEG")
+    with open(bad, "r+b") as f:
+        f.truncate(100)  # a JPEG cut short, as after a failed copy
+    err = fails([PY, "train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir", out])
+    assert f"cannot read image {bad}" in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+def test_one_failing_process_stops_the_job(tmp_path):
+    import time
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    # corrupt an image that only rank 1 reads, at the first step: an exception on one rank only
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
+    sampler = data.EpochSampler(len(files), 12, world_size=2, rank=1, seed=0)
+    first = next(iter(sampler))[0]
+    with open(files[first], "wb") as f:
+        f.write(b"not a jpeg")
+    t0 = time.time()
+    err = fails(torchrun("train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir",
+                         str(tmp_path / "run")), timeout=120)
+    assert time.time() - t0 < 60
+    assert f"cannot read image {files[first]}" in err
+
+
+def test_nan_loss_stops_without_saving(tmp_path):
+    out = str(tmp_path / "run")
+    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out])
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    err = fails([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "2", "--lr", "1e30", "--log_every", "5", "--out_dir", out])
+    assert "loss is nan" in err and "keeps the last good state" in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+def test_collapse_is_reported(tmp_path):
+    # a batch of 128 images cannot use 90% of a 100-class head (at most 128 draws land on ~72 classes)
+    out = run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--cls_sizes", "100", "--collapse_frac", "0.9",
+               "--log_every", "2", "--out_dir", str(tmp_path / "a")])
+    assert "COLLAPSE? head 0 predicts only" in out and "below 90% for 5 log steps in a row" in out
+    healthy = run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--log_every", "2", "--out_dir", str(tmp_path / "b")])
+    assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('SC_MARKER', '/tmp/sc-marker')}",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    os.environ["SC_MARKER"] = str(marker)
+    bad = tmp_path / "run" / "ckpt.pt"
+    bad.parent.mkdir()
+    torch.save({"model": {}, "args": {}, "epoch": 0, "evil": Payload()}, bad)
+    err = fails([PY, "evaluate.py", "--ckpt", str(bad)])
+    assert "refusing to load it" in err
+    err = fails([PY, "train.py", *SMALL_RUN, "--out_dir", str(bad.parent)])
+    assert "refusing to load it" in err
+    assert not marker.exists()
+
+
+if __name__ == "__main__":  # workers started by torchrun from the tests above
+    {"ddp_grads": worker_ddp_grads, "sinkhorn": worker_sinkhorn}[sys.argv[1]](*sys.argv[2:])
