@@ -257,7 +257,7 @@ def make_synthetic(n, seed, size=16, classes=10):
     labels = np.arange(n) % classes
     g.shuffle(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    r = g.uniform(0.22, 0.4, n)[:, None, None] * size  # half-size of the shape, px
+    r = g.uniform(0.3, 0.42, n)[:, None, None] * size  # half-size of the shape, px
     cy, cx = (g.uniform(0.35, 0.65, (2, n)) * size)[:, :, None, None]
     dy, dx = (yy - cy) / r, (xx - cx) / r  # (n, size, size), shape coordinates in [-1, 1]
     ay, ax = np.abs(dy), np.abs(dx)
@@ -274,7 +274,7 @@ def make_synthetic(n, seed, size=16, classes=10):
               (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55)]  # hollow square
     mask = np.stack(shapes[:classes], 1)[np.arange(n), labels].astype(np.float32)  # (n, size, size)
     colour = palette[labels % len(palette)] * g.uniform(0.7, 1.1, (n, 1)) + g.normal(0, 12, (n, 3))
-    background = g.uniform(0, 30, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
+    background = g.uniform(0, 20, (n, 1, 1, 1)) + g.normal(0, 8, (n, size, size, 3))
     img = background * (1 - mask[..., None]) + colour[:, None, None, :] * mask[..., None]
     img += g.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels

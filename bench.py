@@ -1,0 +1,261 @@
+"""Benchmarks: every figure is the median of several runs, with its baseline measured in the same run.
+
+    python bench.py                 # all parts, a few minutes on 2 CPU cores
+    python bench.py --only step loss
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "memory", "loss"],
+                    help="parts to run: step data eval memory loss")
+parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
+args, _ = parser.parse_known_args()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def median_time(fn, repeats=None, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats or args.repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def row(name, value, unit, note=""):
+    print(f"{name:<58} {value:>12,.2f} {unit:<8} {note}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# 1. the full training step against the bare backbone on the same crops
+
+
+def bench_step(batch=32, global_px=64, local_px=32, n_local=6):
+    import loss
+    from lars import LARS
+    from model import NNQueue, SelfClassifier
+    torch.manual_seed(0)
+    model = SelfClassifier("resnet18", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
+    opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+    queue = NNQueue(4096, 128)
+    queue._filled = len(queue.index)  # a full queue: the lookup runs every step
+    crops = [torch.randn(batch, 3, global_px, global_px) for _ in range(2)]
+    crops += [torch.randn(batch, 3, local_px, local_px) for _ in range(n_local)]
+    index = torch.arange(batch)
+
+    def full():
+        z, logits = model(crops, queue, index)
+        value = loss.self_classifier_loss(logits)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        queue.push(z[:batch], index)
+
+    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=0.0)
+
+    def bare():
+        f = model.features(crops)
+        backbone_opt.zero_grad(set_to_none=True)
+        f.sum().backward()
+
+    # interleave the two so that the machine's load drifts over both alike
+    t_full, t_bare = [], []
+    full(), bare()
+    for _ in range(args.repeats):
+        t_full.append(median_time(full, 1, 0))
+        t_bare.append(median_time(bare, 1, 0))
+    t_full, t_bare = float(np.median(t_full)), float(np.median(t_bare))
+    crops_txt = f"2x{global_px}+{n_local}x{local_px} px, batch {batch}, resnet18, 4 heads 15k classes"
+    row("train step: bare backbone fwd+bwd", batch / t_bare, "img/s", crops_txt)
+    row("train step: full Self-Classifier step (MLP, heads, loss, queue, LARS)", batch / t_full, "img/s")
+    row("train step: overhead ratio full / bare (goal <= 1.10)", t_full / t_bare, "x")
+
+
+# -----------------------------------------------------------------------------
+# 2. the multi-crop pipeline on real JPEG photos
+
+
+def reference_multicrop():
+    # the original code's pipeline: PIL transforms per crop, ToTensor + Normalize at the end
+    from torchvision import transforms as T
+    from PIL import ImageFilter
+    import random
+
+    class Blur:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            return img.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0))) if random.random() < self.p else img
+
+    flip_jitter = T.Compose([T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                             T.RandomGrayscale(p=0.2)])
+    norm = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bicubic = T.InterpolationMode.BICUBIC
+    g1 = T.Compose([T.RandomResizedCrop(224, (0.4, 1), interpolation=bicubic), flip_jitter, Blur(1.0), norm])
+    g2 = T.Compose([T.RandomResizedCrop(224, (0.4, 1), interpolation=bicubic), flip_jitter, Blur(0.1),
+                    T.RandomSolarize(128, p=0.2), norm])
+    loc = T.Compose([T.RandomResizedCrop(96, (0.05, 0.4), interpolation=bicubic), flip_jitter, Blur(0.5), norm])
+    return lambda img: [g1(img), g2(img)] + [loc(img) for _ in range(6)]
+
+
+def bench_data(n_images=24):
+    import data
+    from matplotlib import cbook
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as root:
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            photo = Image.open(f).convert("RGB")
+        os.makedirs(f"{root}/train/a")
+        rng = np.random.default_rng(0)
+        for i in range(n_images):  # ImageNet-like sizes, about 450 x 375 on average
+            w, h = int(rng.integers(350, 550)), int(rng.integers(300, 450))
+            photo.resize((w, h), Image.BICUBIC).save(f"{root}/train/a/{i}.JPEG", quality=90)
+        torch.set_num_threads(1)  # one data worker process: one thread
+        ours = data.build_dataset("imagenet", root, "train", data.train_transform("imagenet", n_local=6))
+        ref = data.build_dataset("imagenet", root, "train", reference_multicrop())
+        t_ours = median_time(lambda: [ours[i] for i in range(n_images)], 3)
+        t_ref = median_time(lambda: [ref[i] for i in range(n_images)], 3)
+        torch.set_num_threads(os.cpu_count())
+    row("data: reference PIL multi-crop (2x224 + 6x96), 1 worker", n_images / t_ref, "img/s")
+    row("data: data.MultiCrop, 1 worker", n_images / t_ours, "img/s")
+    row("data: speed-up over the reference (goal >= 1.5)", t_ref / t_ours, "x")
+
+
+# -----------------------------------------------------------------------------
+# 3. evaluation: feature extraction and the metrics against scikit-learn
+
+
+def bench_eval():
+    from model import SelfClassifier
+    import metrics
+    model = SelfClassifier("resnet18", cls_sizes=(1000,)).eval()
+    x = torch.randn(64, 3, 224, 224)
+    with torch.no_grad():
+        t = median_time(lambda: model.backbone(x), 3)
+    row("eval: resnet18 feature extraction, 224 px", 64 / t, "img/s")
+    try:
+        from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+    except ImportError:
+        print("eval: scikit-learn is not installed; skipping the metrics comparison")
+        return
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 1000, 50000)
+    pred = np.where(rng.random(50000) < 0.3, rng.integers(0, 1000, 50000), rng.permutation(1000)[y])
+    t_ours = median_time(lambda: metrics.cluster_metrics(y, pred), 3)
+    t_sk = median_time(lambda: (normalized_mutual_info_score(y, pred), adjusted_mutual_info_score(y, pred),
+                                adjusted_rand_score(y, pred)), 3)
+    row("eval: metrics.py NMI+AMI+ARI+ACC, 50k samples, 1000 classes", t_ours * 1000, "ms")
+    row("eval: scikit-learn NMI+AMI+ARI, same labels", t_sk * 1000, "ms")
+    row("eval: scikit-learn time / ours", t_sk / t_ours, "x")
+
+
+# -----------------------------------------------------------------------------
+# 4. peak memory of the Fashion-MNIST recipe (a short run of the real command)
+
+
+def bench_memory(seconds=60):
+    import data
+    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        print("memory: Fashion-MNIST files not found (apt-get install dataset-fashion-mnist); skipping")
+        return
+    with tempfile.TemporaryDirectory() as out:
+        # the real command, loading data in the training process; its peak RSS (VmHWM) after a minute
+        p = subprocess.Popen([sys.executable, "train.py", "--dataset", "fashion_mnist", "--out_dir", out, "--workers", "0"],
+                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak_kb = 0
+        for _ in range(int(seconds / 0.5)):
+            time.sleep(0.5)
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    peak_kb = max(peak_kb, *[int(l.split()[1]) for l in f if l.startswith("VmHWM")])
+            except FileNotFoundError:
+                break
+        p.kill()
+        p.wait()
+    row("memory: Fashion-MNIST recipe, peak RSS of the training process", peak_kb / 1024, "MB",
+        f"first {seconds} s, --workers 0")
+
+
+# -----------------------------------------------------------------------------
+# 5. the loss at ImageNet head sizes, 1 process against 2, against a version that gathers the logits
+
+
+def loss_worker(out, mode, batch=64, repeats=5):
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dfn
+    import loss
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    sizes = (1000, 2000, 4000, 8000)
+    logits = [[torch.randn(batch, c, requires_grad=True) for _ in range(8)] for c in sizes]
+
+    def gathered():
+        # the original's way: all-gather the [B, C] logits of every view and head, then every process
+        # computes the single-process loss on the whole [N, C] batch
+        full = [[torch.cat(dfn.all_gather(z)) for z in views] for views in logits]
+        saved, loss.world_size = loss.world_size, lambda: 1
+        try:
+            return loss.self_classifier_loss(full)
+        finally:
+            loss.world_size = saved
+
+    fn = (lambda: loss.self_classifier_loss(logits)) if mode == "allreduce" else gathered
+
+    def step():
+        value = fn()
+        value.backward()
+
+    step()
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(dict(ms=1000 * float(np.median(times)), peak_mb=peak), f)
+    dist.destroy_process_group()
+
+
+def bench_loss():
+    results = {}
+    for mode in ("allreduce", "gather"):
+        for nproc in (1, 2):
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       os.path.abspath(__file__), "loss_worker", f.name, mode]
+                p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+                if p.returncode:
+                    print(p.stderr[-2000:])
+                    continue
+                results[mode, nproc] = json.load(open(f.name))
+    for (mode, nproc), r in results.items():
+        name = "C-vector all-reduce (ours)" if mode == "allreduce" else "all-gather of the logits"
+        row(f"loss fwd+bwd, 4 heads 15k classes, 8 views, 64/process: {name}, {nproc} proc", r["ms"], "ms",
+            f"peak {r['peak_mb']:,.0f} MB/process")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "loss_worker":
+        loss_worker(*sys.argv[2:4])
+        sys.exit()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    for part in args.only:
+        {"step": bench_step, "data": bench_data, "eval": bench_eval, "memory": bench_memory, "loss": bench_loss}[part]()
