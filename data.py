@@ -15,24 +15,26 @@ from torchvision import datasets, transforms
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Per-dataset image facts and crop recipe. size/local_size: global and local crop sides in px;
-# scale/local_scale: RandomResizedCrop area ranges; scale_2views: the global crops' range when there
-# are no local crops (the paper: 0.14-1 on ImageNet; tiny objects need more of the image); blur: Gaussian blur as in DINO (off for tiny
-# images, where it erases the object); eval_resize: shorter side before the center crop.
+# scale/local_scale: RandomResizedCrop area ranges with local crops; scale_2views: the global crops'
+# range without local crops (the paper: 0.14-1; tiny images need more of the object); blur: DINO's
+# Gaussian blur (off for tiny images, where it erases the object); eval_resize: shorter side before
+# the center crop.
+_MULTICROP = dict(scale=(0.4, 1.0), local_scale=(0.05, 0.4))
 DATASETS = {
-    "imagenet": dict(chans=3, classes=1000, size=224, local_size=96, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
+    "imagenet": dict(chans=3, classes=1000, size=224, local_size=96, **_MULTICROP, scale_2views=(0.14, 1.0),
                      blur=True, eval_resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "stl10": dict(chans=3, classes=10, size=96, local_size=48, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
+    "stl10": dict(chans=3, classes=10, size=96, local_size=48, **_MULTICROP, scale_2views=(0.14, 1.0),
                   blur=True, eval_resize=96, mean=(0.447, 0.440, 0.405), std=(0.260, 0.257, 0.271)),
-    "cifar10": dict(chans=3, classes=10, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
+    "cifar10": dict(chans=3, classes=10, size=32, local_size=16, **_MULTICROP, scale_2views=(0.14, 1.0),
                     blur=False, eval_resize=32, mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)),
-    "cifar100": dict(chans=3, classes=100, size=32, local_size=16, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.14, 1.0),
+    "cifar100": dict(chans=3, classes=100, size=32, local_size=16, **_MULTICROP, scale_2views=(0.14, 1.0),
                      blur=False, eval_resize=32, mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276)),
-    "mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.3, 1.0),
+    "mnist": dict(chans=1, classes=10, size=28, local_size=14, **_MULTICROP, scale_2views=(0.3, 1.0),
                   blur=False, eval_resize=28, mean=(0.131,), std=(0.308,)),
-    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, scale=(0.4, 1.0), local_scale=(0.05, 0.4), scale_2views=(0.3, 1.0),
+    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, **_MULTICROP, scale_2views=(0.3, 1.0),
                           blur=False, eval_resize=28, mean=(0.286,), std=(0.353,)),
-    "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4), scale_2views=(0.5, 1.0),
-                      blur=False, eval_resize=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4),
+                      scale_2views=(0.5, 1.0), blur=False, eval_resize=16, mean=(0.5,) * 3, std=(0.25,) * 3),
 }
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 
@@ -200,11 +202,10 @@ def load_mnist(data_dir, train, name="fashion_mnist", download=False):
     prefix = "train" if train else "t10k"
     arrays = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        candidates = [os.path.join(d, f"{prefix}-{kind}{ext}") for d in (data_dir, os.path.join(data_dir, folder, "raw"))
-                      for ext in ("", ".gz")]
-        found = [c for c in candidates if os.path.exists(c)]
+        folders = (data_dir, os.path.join(data_dir, folder, "raw"))
+        found = [p for d in folders for ext in ("", ".gz") if os.path.exists(p := os.path.join(d, f"{prefix}-{kind}{ext}"))]
         if not found:
-            hint = " (apt-get install dataset-fashion-mnist puts them in " + FASHION_MNIST_DIR + ")" if name == "fashion_mnist" else ""
+            hint = f" (apt-get install dataset-fashion-mnist puts them in {FASHION_MNIST_DIR})" if name == "fashion_mnist" else ""
             raise FileNotFoundError(f"--data_dir {data_dir}: expected the {name} file {prefix}-{kind}[.gz] there or in "
                                     f"{data_dir}/{folder}/raw{hint}, or pass --download")
         arrays.append(read_idx(found[0]))
@@ -253,11 +254,11 @@ def make_synthetic(n, seed, size=16, classes=10):
     position and scale, with a colour and brightness jitter, on a noisy background."""
     g = np.random.default_rng(seed)
     palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [128, 128, 128], [170, 110, 40], [255, 255, 255]], np.float32)
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [250, 190, 190], [255, 255, 255]], np.float32)
     labels = np.arange(n) % classes
     g.shuffle(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    r = g.uniform(0.3, 0.42, n)[:, None, None] * size  # half-size of the shape, px
+    r = g.uniform(0.22, 0.4, n)[:, None, None] * size  # half-size of the shape, px
     cy, cx = (g.uniform(0.35, 0.65, (2, n)) * size)[:, :, None, None]
     dy, dx = (yy - cy) / r, (xx - cx) / r  # (n, size, size), shape coordinates in [-1, 1]
     ay, ax = np.abs(dy), np.abs(dx)
@@ -274,7 +275,7 @@ def make_synthetic(n, seed, size=16, classes=10):
               (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55)]  # hollow square
     mask = np.stack(shapes[:classes], 1)[np.arange(n), labels].astype(np.float32)  # (n, size, size)
     colour = palette[labels % len(palette)] * g.uniform(0.7, 1.1, (n, 1)) + g.normal(0, 12, (n, 3))
-    background = g.uniform(0, 20, (n, 1, 1, 1)) + g.normal(0, 8, (n, size, size, 3))
+    background = g.uniform(0, 60, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
     img = background * (1 - mask[..., None]) + colour[:, None, None, :] * mask[..., None]
     img += g.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels

@@ -121,7 +121,7 @@ def knn_top1(train_f, train_y, test_f, test_y, k, temp, chunk=1024):
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     correct = 0
     for s in range(0, len(test_f), chunk):
-        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(sim), C, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / temp).exp())
         correct += (votes.argmax(dim=1) == test_y[s:s + chunk]).sum().item()

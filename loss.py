@@ -47,6 +47,15 @@ def all_reduce_max(x):
     return x
 
 
+def all_gather_cat(x):
+    """Concatenation of x from all processes along dim 0, without gradient (queue pushes, labels)."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
 def _float32(logits):
     return [[z.float() for z in views] for views in logits]
 
@@ -171,12 +180,3 @@ def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=1000):
                 break
         log_c = log_c_new
     return (log_a + log_r[None, :]).argmax(dim=1)
-
-
-def all_gather_cat(x):
-    """Concatenation of x from all processes along dim 0, without gradient (queue pushes, labels)."""
-    if world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
