@@ -290,8 +290,8 @@ def build_dataset(name, data_dir, split, transform, download=False, seed=0, hold
     splits, and the test set is not read."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if holdout and name == "imagenet":
-        raise ValueError("--holdout is for the in-memory datasets; ImageNet has its own val folder")
+    if holdout and name in ("imagenet", "stl10"):
+        raise ValueError(f"--holdout is for datasets with one labelled training set; {name} is not one of them")
     train = split != "eval" or holdout > 0
     if name == "imagenet":
         root = os.path.join(data_dir, "train" if train else "val")

@@ -22,7 +22,7 @@ from model import build_model, load_checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-parser.add_argument("--dataset", default=None, help="default: the checkpoint's")
+parser.add_argument("--dataset", default=None, choices=list(data.DATASETS), help="default: the checkpoint's")
 parser.add_argument("--data_dir", default=None, help="default: the checkpoint's")
 parser.add_argument("--out_dir", default=None, help="where metrics.json and the figures go (default: the checkpoint's folder)")
 parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass, per process")
@@ -76,6 +76,8 @@ model.to(device).eval()
 num_classes = data.DATASETS[dataset_name]["classes"]
 if dataset_name == "cifar100" and args.superclasses:
     num_classes = 20
+    if train_args["cls_sizes"][0] != 20:  # 100 clusters matched to 20 classes would inflate every metric
+        raise SystemExit("--superclasses scores head 0 against 20 classes: train with --cls_sizes 20 ...")
 
 
 def load_split(split, transform):

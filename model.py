@@ -47,7 +47,8 @@ def make_backbone(arch, in_chans=3, small_images=False, width=32):
             k, s, p = (3, 1, 1) if small_images else (11, 4, 2)
             net.features[0] = nn.Conv2d(in_chans, 64, k, stride=s, padding=p)
         # pooled conv features (256-d) as the representation; the 4096-d classifier is dropped
-        return nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
+        # the last max-pool is dropped: small crops have no 3x3 map left for it, and a pool follows anyway
+        return nn.Sequential(net.features[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
     raise ValueError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -120,7 +121,7 @@ class SelfClassifier(nn.Module):
         V, B = len(crops), crops[0].shape[0]
         z = self.mlp(self.features(crops))  # (V * B, D)
         h = z
-        if queue is not None and queue.full:
+        if queue is not None:
             # view 0 is replaced by its nearest neighbour among past embeddings (no gradient)
             h = torch.cat([queue.lookup(z[:B], index), z[B:]])
         logits = []
@@ -153,7 +154,8 @@ class NNQueue(nn.Module):
 
     @torch.no_grad()
     def lookup(self, z, index):
-        sim = z.float() @ self.feats.T  # (B, L) cosine, both sides are unit vectors
+        with torch.autocast(z.device.type, enabled=False):  # bf16 cosines tie among many neighbours
+            sim = z.float() @ self.feats.T  # (B, L) cosine, both sides are unit vectors
         sim[index[:, None] == self.index[None, :]] = float("-inf")  # never a crop of the image itself
         return self.feats[sim.argmax(dim=1)].to(z.dtype)
 

@@ -46,25 +46,26 @@ parser.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight 
 parser.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
 parser.add_argument("--twist_tau", type=float, default=1.0, help="TWIST temperature of the entropy terms")
 parser.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over the "
-                    "run, quadratically spaced (dense early), the first before any step (default: one per epoch)")
-parser.add_argument("--sela_lamb", type=float, default=25.0, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda)")
+                    "run, quadratically spaced (dense early), the first before any step (default: --epochs of them)")
+parser.add_argument("--sela_lamb", type=float, default=25.0, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda; "
+                    "the paper: 25 on ImageNet, 10 on CIFAR)")
 parser.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off)")
 # augmentation
 parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
 parser.add_argument("--size", type=int, default=None, help="global crop side in px")
 parser.add_argument("--local_size", type=int, default=None, help="local crop side in px")
 # optimisation
-parser.add_argument("--epochs", type=int, default=None)
+parser.add_argument("--epochs", type=int, default=None, help="passes over the training set")
 parser.add_argument("--batch_size", type=int, default=None, help="GLOBAL batch, split evenly over processes")
 parser.add_argument("--lr", type=float, default=None, help="base learning rate per 256 images: lr = lr * batch_size / 256")
 parser.add_argument("--start_lr", type=float, default=None, help="learning rate at step 0, warming up to lr (absolute)")
 parser.add_argument("--warmup_epochs", type=float, default=None, help="linear warmup length in epochs, then cosine")
 parser.add_argument("--final_lr_ratio", type=float, default=1e-3, help="the cosine ends at lr * this")
 parser.add_argument("--optimizer", default=None, choices=["lars", "sgd"], help="SGD momentum, with LARS scaling or plain")
-parser.add_argument("--momentum", type=float, default=0.9)
-parser.add_argument("--weight_decay", type=float, default=None)
+parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (LARS wraps the same SGD)")
+parser.add_argument("--weight_decay", type=float, default=None, help="L2 weight decay on all parameters")
 # system
-parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--seed", type=int, default=0, help="initial weights, data order and crops all follow it")
 parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 parser.add_argument("--workers", type=int, default=None, help="data loading processes per training process")
 parser.add_argument("--log_every", type=int, default=None, help="steps between log lines")
@@ -173,7 +174,7 @@ if args.method == "sela":
 
 # resume: the same command again continues from the checkpoint, or refuses with the differences
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-MUST_MATCH = ("dataset", "holdout", "method", "arch", "width", "in_chans", "small_stem", "mlp_layers", "mlp_hidden", "mlp_out",
+MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans", "small_stem", "mlp_layers", "mlp_hidden", "mlp_out",
               "cls_sizes", "batch_size", "queue_len", "n_local", "size", "local_size", "seed")
 start_step = 0
 if os.path.exists(ckpt_path):
@@ -288,7 +289,8 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
-            z, logits = model(crops, queue, index)
+            # the queue goes in only once full: a compiled forward then sees one constant branch
+            z, logits = model(crops, queue if queue is not None and queue.full else None, index)
         loss = objective(logits, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,7 +324,8 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
                        f"global batch, below {args.collapse_frac:.0%} for {low_streak} log steps in a row\n{'!' * 80}")
             t_log, step_log = time.time(), step
         if args.ckpt_minutes and master and time.time() - t_saved > 60 * args.ckpt_minutes:
-            if math.isfinite(loss.item()):  # rank 0 alone: saving needs no other process
+            finite = math.isfinite(loss.item()) and all(torch.isfinite(p).all() for p in raw_model.parameters())
+            if finite:  # rank 0 alone: saving needs no other process
                 save_checkpoint(step)
                 t_saved = time.time()
     mean_loss = loss_sum / max(n_loss, 1)
