@@ -1,6 +1,6 @@
 """Tests: every one checks a known value, an independent reference or an invariant. CPU only, offline.
 
-    pytest test_all.py            # about 4 minutes on 2 cores
+    pytest test_all.py            # about 6 minutes on 2 cores
 Workers for the distributed tests are this file run by torchrun: python test_all.py WORKER OUT_FILE.
 """
 import itertools
@@ -750,7 +750,9 @@ def test_imagenet_path_end_to_end_torchrun(tmp_path):
     torch.testing.assert_close(net.eval()(x), ours.eval().backbone(x))
 
 
-SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--batch_size", "256", "--epochs", "3", "--log_every", "5")
+# small runs load data in the training process: a worker process would cost more to start than it saves
+SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--workers", "0", "--batch_size", "256", "--epochs", "3",
+             "--log_every", "5")
 STEPS_PER_EPOCH = 5000 // 256
 
 
