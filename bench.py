@@ -50,7 +50,7 @@ def bench_step(batch=32, global_px=64, local_px=32, n_local=6):
     model = SelfClassifier("resnet18", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
     opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
     queue = NNQueue(4096, 128)
-    queue._filled = len(queue.index)  # a full queue: the lookup runs every step
+    queue.push(torch.nn.functional.normalize(torch.randn(4096, 128), dim=1), torch.arange(4096) + 10 ** 6)  # full
     crops = [torch.randn(batch, 3, global_px, global_px) for _ in range(2)]
     crops += [torch.randn(batch, 3, local_px, local_px) for _ in range(n_local)]
     index = torch.arange(batch)

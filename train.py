@@ -167,6 +167,9 @@ queue = NNQueue(args.queue_len, model.mlp.out_dim).to(device) if args.queue_len 
 # (the same on every process: the generator is seeded), then Sinkhorn-Knopp at scheduled steps
 pseudo_labels, relabel_steps = None, set()
 if args.method == "sela":
+    # the relabelling pass sees each training image once, as a center crop
+    label_set = data.build_dataset(args.dataset, args.data_dir, "train", data.eval_transform(args.dataset, args.size),
+                                   holdout=args.holdout)
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     n_relabel = args.sela_relabels or args.epochs
@@ -224,10 +227,8 @@ def relabel():
     """SeLa: log p(y|x) of every training image (center crops, eval mode), then Sinkhorn-Knopp per
     head. Each process labels its share; the shares are gathered so every table is the same."""
     raw_model.eval()
-    ds = data.build_dataset(args.dataset, args.data_dir, "train", data.eval_transform(args.dataset, args.size),
-                            holdout=args.holdout)
-    mine = torch.arange(rank, len(ds), world_size)
-    loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine.tolist()), batch_size=local_batch,
+    mine = torch.arange(rank, len(label_set), world_size)
+    loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(label_set, mine.tolist()), batch_size=local_batch,
                                           num_workers=args.workers)
     log_p = [[] for _ in args.cls_sizes]
     for x, _, _ in loader_:
@@ -235,7 +236,7 @@ def relabel():
             z = raw_model.mlp(raw_model.backbone(x.to(device, non_blocking=True)))
             for h, head in enumerate(raw_model.heads):
                 log_p[h].append(torch.log_softmax(head(z).float() / args.row_tau, dim=1))
-    pad = -(-len(ds) // world_size) - len(mine)  # all_gather needs equal shares
+    pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
     for h in range(len(args.cls_sizes)):
         labels = losses.sinkhorn_knopp(torch.cat(log_p[h]), args.sela_lamb)
