@@ -760,10 +760,11 @@ STEPS_PER_EPOCH = 5000 // 256
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     import signal
     import time
+    flags = [*SMALL_RUN, "--method", method, "--queue_len", "512" if method == "self_classifier" else "0"]
     straight = str(tmp_path / "straight")
-    run([PY, "train.py", *SMALL_RUN, "--method", method, "--out_dir", straight])
+    run([PY, "train.py", *flags, "--out_dir", straight])
     out = str(tmp_path / "killed")
-    cmd = [PY, "train.py", *SMALL_RUN, "--method", method, "--out_dir", out, "--ckpt_minutes", "0.003"]
+    cmd = [PY, "train.py", *flags, "--out_dir", out, "--ckpt_minutes", "0.003"]
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not os.path.exists(f"{out}/ckpt.pt") and p.poll() is None:
         time.sleep(0.05)
@@ -784,6 +785,8 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     if method == "sela":
         assert torch.equal(a["pseudo_labels"], b["pseudo_labels"])
+    else:  # the nearest-neighbour queue was full and in use, and is restored exactly
+        assert (a["queue"]["index"] >= 0).all() and torch.equal(a["queue"]["feats"], b["queue"]["feats"])
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
