@@ -56,7 +56,7 @@ class RandomBlur:
 
 
 class MultiCrop:
-    """2 global crops and n_local local crops of one PIL image, DINO's augmentations (SPEC section 3).
+    """2 global crops and n_local local crops of one PIL image, DINO's augmentations as Self-Classifier uses them.
 
     View 0: blur p 0.1; view 1: blur p 1.0 and solarisation p 0.2; local crops: blur p 0.5.
     """

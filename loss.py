@@ -65,7 +65,7 @@ def _float32(logits):
 
 
 def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
-    """Cross-entropy between views with a uniform class prior (Self-Classifier, SPEC section 2).
+    """Cross-entropy between views with a uniform class prior (Self-Classifier, Amrani et al. 2022).
 
     logits: list over heads of lists over views of [B, C] tensors; views 0 and 1 are the global crops.
     Every ordered pair of views (i -> j), i != j, except local -> local, contributes
@@ -109,7 +109,7 @@ def _entropy(p, eps):
 
 
 def twist_loss(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
-    """Symmetric KL between twin class distributions minus a batch-entropy term (TWIST, SPEC section 7).
+    """Symmetric KL between twin class distributions minus a batch-entropy term (TWIST, Wang et al. 2021).
 
     Pairs (i, j) with i in {0, 1} and j > i. The mean distribution in the batch-entropy term is over
     the global batch; per-sample terms are means over this process's rows (DDP averages them).
@@ -139,7 +139,7 @@ def twist_loss(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
 
 
 def sela_loss(logits, targets, tau=0.1):
-    """Cross-entropy of every head and view against the stored pseudo-labels (SeLa, SPEC section 8).
+    """Cross-entropy of every head and view against the stored pseudo-labels (SeLa, Asano et al. 2020).
 
     targets: LongTensor [H, B], head h's labels of this batch's images. The heads here output cosines
     (times g), so the softmax has a temperature tau.
@@ -158,7 +158,7 @@ def _global_logsumexp(x, dim):
 
 @torch.no_grad()
 def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=1000):
-    """Equipartitioned hard labels from log p(y|x) by Sinkhorn-Knopp on P^lamb (SeLa, SPEC section 8).
+    """Equipartitioned hard labels from log p(y|x) by Sinkhorn-Knopp on P^lamb (SeLa, Asano et al. 2020).
 
     log_p: [B, K] rows of this process (the whole N rows without a process group). Works in the log
     domain in float64, so P^25 does not underflow. Returns the labels of this process's rows, LongTensor [B].

@@ -143,7 +143,7 @@ def test_twist_loss_matches_reference(kw):
 
 
 def reference_sinkhorn(log_p, lamb, tol=0.1, max_iter=1000):
-    # SPEC section 8 as written, in float64 without logs: A = P^lamb, alternate r and c
+    # SeLa's Sinkhorn-Knopp as written, in float64 without logs: A = P^lamb, alternate r and c
     A = torch.exp(lamb * log_p.double())  # (N, K)
     N, K = A.shape
     r, c = torch.full((K,), 1.0 / K, dtype=torch.float64), torch.full((N,), 1.0 / N, dtype=torch.float64)
@@ -200,7 +200,7 @@ def test_bf16_autocast_step_on_cpu_matches_float32():
 
 
 # -----------------------------------------------------------------------------
-# LARS against SPEC section 5, written out per parameter
+# LARS against apex LARC's semantics (clip off), written out per parameter
 
 
 def test_lars_matches_reference():

@@ -77,7 +77,7 @@ parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when 
 parser.add_argument("--collapse_logs", type=int, default=5, help="... at this many log steps in a row")
 args = parser.parse_args()
 
-# Recipes. ImageNet: the paper's (SPEC section 3) at a global batch of 2048, 256 per GPU on 8 GPUs,
+# Recipes. ImageNet: the paper's at a global batch of 2048, 256 per GPU on 8 GPUs,
 # with the linear learning-rate scaling 0.3 x batch / 256. cifar10: the CIFAR-10 report's ResNet-18
 # recipe. Small sets: recipes that run on one GPU or a laptop CPU; at a few hundred steps, plain SGD
 # momentum learns much faster than LARS, whose steps are 1e-3 of the weight norm (synthetic set,
