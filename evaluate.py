@@ -102,10 +102,7 @@ def extract(ds):
     feats, logits, labels, index = [], [], [], []
     for x, y, i in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            f = model.backbone(x.to(device, non_blocking=True))
-            out = model.heads[0](model.mlp(f))
-            if model.logit_bn is not None:
-                out = model.logit_bn[0](out)
+            f, (out,) = model.predict(x.to(device, non_blocking=True), heads=[0])
         feats.append(f.float())
         logits.append(out.float())
         labels.append(y.to(device))

@@ -117,6 +117,16 @@ class SelfClassifier(nn.Module):
             start = end
         return torch.cat(feats)  # (V * B, feat_dim)
 
+    def predict(self, x, heads=None):
+        """One batch of single crops, no queue: (backbone features, [logits of the chosen heads])."""
+        f = self.backbone(x)
+        z = self.mlp(f)
+        out = []
+        for i in range(len(self.heads)) if heads is None else heads:
+            logits = self.heads[i](z)
+            out.append(self.logit_bn[i](logits) if self.logit_bn is not None else logits)
+        return f, out
+
     def forward(self, crops, queue=None, index=None):
         V, B = len(crops), crops[0].shape[0]
         z = self.mlp(self.features(crops))  # (V * B, D)

@@ -177,8 +177,9 @@ if args.method == "sela":
 
 # resume: the same command again continues from the checkpoint, or refuses with the differences
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans", "small_stem", "mlp_layers", "mlp_hidden", "mlp_out",
-              "cls_sizes", "batch_size", "queue_len", "n_local", "size", "local_size", "seed")
+MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
+              "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "queue_len", "n_local",
+              "size", "local_size", "seed")
 start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -233,9 +234,8 @@ def relabel():
     log_p = [[] for _ in args.cls_sizes]
     for x, _, _ in loader_:
         with autocast:
-            z = raw_model.mlp(raw_model.backbone(x.to(device, non_blocking=True)))
-            for h, head in enumerate(raw_model.heads):
-                log_p[h].append(torch.log_softmax(head(z).float() / args.row_tau, dim=1))
+            for h, logits in enumerate(raw_model.predict(x.to(device, non_blocking=True))[1]):
+                log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1))
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
     for h in range(len(args.cls_sizes)):
