@@ -791,8 +791,9 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = str(tmp_path / "run")
-    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out])
+    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out, "--keep_every", "1"])
     before = open(f"{out}/ckpt.pt", "rb").read()
+    assert open(f"{out}/ckpt_ep1.pt", "rb").read() == before  # --keep_every: a copy of epoch 1
     p = subprocess.run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out, "--cls_sizes", "10", "30",
                         "--arch", "resnet18"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0
@@ -858,8 +859,9 @@ def test_one_failing_process_stops_the_job(tmp_path):
 
 def test_crash_during_save_keeps_the_last_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out])
+    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out, "--keep_every", "1"])
     before = open(f"{out}/ckpt.pt", "rb").read()
+    assert open(f"{out}/ckpt_ep1.pt", "rb").read() == before  # --keep_every: a copy of epoch 1
     os.mkdir(f"{out}/ckpt.pt.tmp")  # the next save cannot write its temporary file: it crashes mid-save
     err = fails([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "2", "--out_dir", out])
     assert "ckpt.pt.tmp" in err
@@ -869,8 +871,9 @@ def test_crash_during_save_keeps_the_last_checkpoint(tmp_path):
 
 def test_nan_loss_stops_without_saving(tmp_path):
     out = str(tmp_path / "run")
-    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out])
+    run([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "1", "--out_dir", out, "--keep_every", "1"])
     before = open(f"{out}/ckpt.pt", "rb").read()
+    assert open(f"{out}/ckpt_ep1.pt", "rb").read() == before  # --keep_every: a copy of epoch 1
     err = fails([PY, "train.py", *SMALL_RUN[:-4], "--epochs", "2", "--lr", "1e30", "--log_every", "5", "--out_dir", out])
     assert "loss is nan" in err and "keeps the last good state" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before

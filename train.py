@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -72,6 +73,8 @@ parser.add_argument("--log_every", type=int, default=None, help="steps between l
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--ckpt_minutes", type=float, default=0, help="also checkpoint within an epoch every this many "
                     "minutes (0 = only at epoch ends); a resume continues from that step")
+parser.add_argument("--keep_every", type=int, default=0, help="also keep a copy of the checkpoint every this many "
+                    "epochs as OUT/ckpt_epN.pt, to evaluate the run part way (0 = off)")
 parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when head 0 predicts fewer than this "
                     "fraction of its classes in the global batch ...")
 parser.add_argument("--collapse_logs", type=int, default=5, help="... at this many log steps in a row")
@@ -231,15 +234,18 @@ def relabel():
     mine = torch.arange(rank, len(label_set), world_size)
     loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(label_set, mine.tolist()), batch_size=local_batch,
                                           num_workers=args.workers)
+    # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
+    # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
     log_p = [[] for _ in args.cls_sizes]
     for x, _, _ in loader_:
         with autocast:
             for h, logits in enumerate(raw_model.predict(x.to(device, non_blocking=True))[1]):
-                log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1))
+                log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1).to("cpu", torch.float16))
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
     for h in range(len(args.cls_sizes)):
-        labels = losses.sinkhorn_knopp(torch.cat(log_p[h]), args.sela_lamb)
+        labels = losses.sinkhorn_knopp(torch.cat(log_p[h]).to(device), args.sela_lamb)
+        log_p[h] = None
         labels = losses.all_gather_cat(F.pad(labels, (0, pad), value=-1))
         pseudo_labels[h, index[index >= 0]] = labels[index >= 0]
     raw_model.train()
@@ -339,6 +345,10 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
                          f"last good state. Lower --lr or check the data.")
     save_checkpoint(step)
     t_saved = time.time()
+    if master and args.keep_every and (epoch + 1) % args.keep_every == 0:
+        kept = os.path.join(args.out_dir, f"ckpt_ep{epoch + 1}.pt")
+        shutil.copyfile(ckpt_path, kept + ".tmp")
+        os.replace(kept + ".tmp", kept)
     if master:
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(epoch=epoch + 1, step=step, loss=mean_loss.item(), lr=lr_at(step - 1),
