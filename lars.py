@@ -29,19 +29,26 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             wd, eta = group["weight_decay"], group["trust_coefficient"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                # where(...) instead of an if keeps the step free of host syncs on a GPU
-                trust = eta * p_norm / (g_norm + wd * p_norm + 1e-8)
-                scaled = (g + wd * p) * trust
-                g = torch.where((p_norm > 0) & (g_norm > 0), scaled, g)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:  # zero, so the first step stores the scaled gradient
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(self.state[p]["momentum_buffer"])
+            # All parameters at once (torch._foreach_*): one Python call per pass instead of one per
+            # parameter, and every pass in place, since allocating a gradient-sized temporary costs as
+            # much as the arithmetic on a CPU. torch.where keeps the step free of host syncs on a GPU.
+            p_norm = torch.stack(torch._foreach_norm(params))  # (P,)
+            g_norm = torch.stack(torch._foreach_norm(grads))  # (P,)
+            scaled = (p_norm > 0) & (g_norm > 0)
+            trust = torch.where(scaled, eta * p_norm / (g_norm + wd * p_norm + 1e-8), 1.0)  # (P,)
+            decay = torch.where(scaled, trust * wd, 0.0)  # (P,), no weight decay where the plain gradient is taken
+            # buf <- momentum * buf + trust * (g + wd * p); p <- p - lr * buf
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_addcmul_(bufs, grads, list(trust.unbind()))
+            torch._foreach_addcmul_(bufs, params, list(decay.unbind()))
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
