@@ -274,24 +274,25 @@ def make_synthetic(n, seed, size=16, classes=10):
     labels = np.arange(n) % classes
     g.shuffle(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    r = g.uniform(0.22, 0.4, n)[:, None, None] * size  # half-size of the shape, px
+    r = g.uniform(0.28, 0.4, n)[:, None, None] * size  # half-size of the shape, px
     cy, cx = (g.uniform(0.35, 0.65, (2, n)) * size)[:, :, None, None]
     dy, dx = (yy - cy) / r, (xx - cx) / r  # (n, size, size), shape coordinates in [-1, 1]
     ay, ax = np.abs(dy), np.abs(dx)
     rad = np.sqrt(dy ** 2 + dx ** 2)
-    shapes = [rad < 1,  # disc
-              np.maximum(ay, ax) < 1,  # square
-              (dy > -1) & (dy < 1) & (ax < (dy + 1) / 2),  # triangle
-              (np.minimum(ay, ax) < 0.3) & (np.maximum(ay, ax) < 1),  # plus
-              (rad < 1) & (rad > 0.6),  # ring
-              ay + ax < 1,  # diamond
-              (ay < 0.35) & (ax < 1),  # horizontal bar
-              (ax < 0.35) & (ay < 1),  # vertical bar
-              (np.abs(ay - ax) < 0.3) & (np.maximum(ay, ax) < 1),  # X
-              (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55)]  # hollow square
+    # shapes that look alike go to colours far apart in hue and brightness, and vice versa
+    shapes = [(np.minimum(ay, ax) < 0.3) & (np.maximum(ay, ax) < 1),  # red plus
+              (ay < 0.35) & (ax < 1),  # green horizontal bar
+              (np.abs(ay - ax) < 0.3) & (np.maximum(ay, ax) < 1),  # yellow X
+              (np.maximum(ay, ax) < 1) & (np.maximum(ay, ax) > 0.55),  # blue hollow square
+              np.maximum(ay, ax) < 1,  # orange square
+              (ax < 0.35) & (ay < 1),  # purple vertical bar
+              rad < 1,  # cyan disc
+              (dy > -1) & (dy < 1) & (ax < (dy + 1) / 2),  # magenta triangle
+              (rad < 1) & (rad > 0.6),  # pink ring
+              (np.abs(ay - 0.65) < 0.3) & (ax < 1)]  # white pair of horizontal bars
     mask = np.stack(shapes[:classes], 1)[np.arange(n), labels].astype(np.float32)  # (n, size, size)
     colour = palette[labels % len(palette)] * g.uniform(0.7, 1.1, (n, 1)) + g.normal(0, 12, (n, 3))
-    background = g.uniform(0, 60, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
+    background = g.uniform(10, 40, (n, 1, 1, 1)) + g.normal(0, 10, (n, size, size, 3))
     img = background * (1 - mask[..., None]) + colour[:, None, None, :] * mask[..., None]
     img += g.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels
