@@ -712,8 +712,9 @@ def synthetic_run(tmp_path_factory):
         return log, json.load(f), out
 
 
-# measured here: seed 0, 1 process ACC 0.999 (NMI 0.998); 2 processes ACC 0.837 (NMI 0.922), where each
-# process keeps its own BatchNorm statistics; seeds 1 and 2 on 1 process: ACC 0.84 and 0.81 (README)
+# measured here (README): the default, seed 0 on 1 process, ACC 1.000; on the synthetic set head 0 may
+# merge two classes and split a third, which other seeds and 2 processes (each with its own BatchNorm
+# statistics on a CPU) do, at ACC 0.76-0.90 with NMI >= 0.9, while kNN on the backbone features is 1.000
 def test_synthetic_defaults_one_process(synthetic_run):
     log, m, out = synthetic_run
     assert m["acc"] >= 0.9 and m["nmi"] >= 0.9, m
@@ -725,9 +726,21 @@ def test_synthetic_defaults_one_process(synthetic_run):
 
 def test_synthetic_defaults_two_processes(tmp_path):
     log, m, out = train_and_evaluate(tmp_path, "--dataset", "synthetic", launcher=torchrun(nproc=2),
-                                     eval_args=("--no_linear", "--no_kmeans", "--no_figures", "--no_knn"))
+                                     eval_args=("--no_linear", "--no_kmeans", "--no_figures"))
     assert "2 process(es) x 128" in log
-    assert m["acc"] >= 0.8 and m["nmi"] >= 0.9, m
+    assert m["acc"] >= 0.8 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
+
+
+# measured here: ACC 0.675, NMI 0.629, against k-means on pixels ACC 0.526, NMI 0.523, in about a minute
+def test_short_fashion_mnist_training_beats_kmeans_on_pixels(tmp_path):
+    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    # the default recipe, narrower and for one epoch of small batches: 937 steps on the 60,000 images
+    _, m, _ = train_and_evaluate(tmp_path, "--dataset", "fashion_mnist", "--width", "8", "--mlp_hidden", "256",
+                                 "--epochs", "1", "--batch_size", "64", "--warmup_epochs", "0.2",
+                                 eval_args=("--no_knn", "--no_linear", "--no_figures"))
+    assert m["num_eval"] == 10000
+    assert m["acc"] >= m["kmeans_pixels_acc"] + 0.08 and m["nmi"] >= m["kmeans_pixels_nmi"] + 0.05, m
 
 
 def test_evaluate_writes_every_metric_and_figure_one_or_two_processes(synthetic_run, tmp_path):
