@@ -72,7 +72,7 @@ out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
 holdout = train_args.get("holdout", 0) if args.holdout is None else args.holdout
 model = build_model(train_args)
 model.load_state_dict(ckpt["model"])
-model.to(device).eval()
+model.to(device, memory_format=torch.channels_last).eval()  # as in train.py
 num_classes = data.DATASETS[dataset_name]["classes"]
 if dataset_name == "cifar100" and args.superclasses:
     num_classes = 20
@@ -102,7 +102,8 @@ def extract(ds):
     feats, logits, labels, index = [], [], [], []
     for x, y, i in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            f, (out,) = model.predict(x.to(device, non_blocking=True), heads=[0])
+            f, (out,) = model.predict(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                                        heads=[0])
         feats.append(f.float())
         logits.append(out.float())
         labels.append(y.to(device))
@@ -172,7 +173,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
         sampler.set_epoch(epoch)
         for x, y, _ in loader:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                f = model.backbone(x.to(device, non_blocking=True))
+                f = model.backbone(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(clf(f.float()), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,6 +47,13 @@ def all_reduce_max(x):
     return x
 
 
+def _many(reduce, vectors):
+    # one collective for several vectors: each collective costs a network round trip, whatever its size
+    if world_size() == 1:
+        return list(vectors)
+    return list(reduce(torch.cat(vectors)).split([len(v) for v in vectors]))
+
+
 def all_gather_cat(x):
     """Concatenation of x from all processes along dim 0, without gradient (queue pushes, labels)."""
     if world_size() == 1:
@@ -64,15 +71,6 @@ def _float32(logits):
 # Self-Classifier
 
 
-def _softmax_over_samples(x):
-    """Softmax of each class column over the N samples of the global batch; x: this process's [B, C] rows."""
-    if world_size() == 1:
-        return F.softmax(x, dim=0)  # one fused pass forward and backward
-    m = all_reduce_max(x.amax(dim=0))  # (C,), amax: max(dim).values also computes indices, 20x slower on a CPU
-    e = torch.exp(x - m)  # (B, C)
-    return e / all_reduce_sum(e.sum(dim=0))
-
-
 def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
     """Cross-entropy between views with a uniform class prior (Self-Classifier, Amrani et al. 2022).
 
@@ -85,27 +83,35 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
     # a vector is written as a multiplication by the vector's reciprocal, which is cheaper both ways.
     with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
         logits = _float32(logits)
-        W = world_size()
-        total, n_terms = 0.0, 0
+        flat = [z for views in logits for z in views]  # every head's views, each [B, C]
+        N = flat[0].shape[0] * world_size()  # every process holds the same number of rows (drop_last)
+        # target: softmax over the N samples of each class column (then rows normalised to 1 below);
+        # prediction: p(y|x) = p(x|y) p(y) / p(x) with p(y) = 1/C and p(x) = 1/N, which needs the
+        # column sums of the row softmax. All the vectors of a step go through one all-reduce.
+        P = [F.softmax(z / row_tau, dim=1) for z in flat]
+        if world_size() == 1:
+            Q = [F.softmax(z / col_tau, dim=0) for z in flat]  # one fused pass forward and backward
+            col_sums = [p.sum(dim=0) for p in P]
+        else:
+            # amax: max(dim).values also computes indices, 20x slower on a CPU
+            col_max = _many(all_reduce_max, [z.amax(dim=0) / col_tau for z in flat])
+            E = [torch.exp(z / col_tau - m) for z, m in zip(flat, col_max)]
+            sums = _many(all_reduce_sum, [e.sum(dim=0) for e in E] + [p.sum(dim=0) for p in P])
+            Q = [e * (1 / s) for e, s in zip(E, sums)]  # (B, C), columns sum to 1 over N
+            col_sums = sums[len(E):]
+        total, n_terms, k = 0.0, 0, 0
         for views in logits:
             V = len(views)
-            B, C = views[0].shape
-            N = B * W  # every process holds the same number of rows (drop_last)
-            Q, logP = [], []
-            for z in views:
-                # target: softmax over the N samples of each class column, then rows normalised to 1
-                q = _softmax_over_samples(z / col_tau)  # (B, C), columns sum to 1 over N
-                Q.append(q * (1 / q.sum(dim=1, keepdim=True).clamp_min(eps)))
-                # prediction: p(y|x) = p(x|y) p(y) / p(x) with p(y) = 1/C and p(x) = 1/N
-                p = F.softmax(z / row_tau, dim=1)  # (B, C)
-                scale = (N / C) / all_reduce_sum(p.sum(dim=0)).clamp_min(eps)  # (C,)
-                logP.append(torch.log(p * scale + eps))
+            C = views[0].shape[1]
+            Qv = [q * (1 / q.sum(dim=1, keepdim=True).clamp_min(eps)) for q in Q[k:k + V]]
+            logP = [torch.log(p * ((N / C) / s.clamp_min(eps)) + eps) for p, s in zip(P[k:k + V], col_sums[k:k + V])]
+            k += V
             # sum_{(i,j)} <Q^i, logP^j> grouped by the predicted view j: a global view j is predicted
             # from every other view, a local view only from the two global ones
-            Q_all = sum(Q)
-            targets = [Q_all - Q[0], Q_all - Q[1]] + [Q[0] + Q[1]] * (V - 2)
+            Q_all = sum(Qv)
+            targets = [Q_all - Qv[0], Q_all - Qv[1]] + [Qv[0] + Qv[1]] * (V - 2)
             for target, log_p in zip(targets, logP):
-                total = total - (target * log_p).sum() / B
+                total = total - (target * log_p).sum() / views[0].shape[0]
             n_terms += V * (V - 1) - (V - 2) * (V - 3)
         return total / n_terms
 
@@ -127,13 +133,15 @@ def twist_loss(logits, lam1=0.0, lam2=1.0, tau=1.0, eps=1e-5):
     with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
         logits = _float32(logits)
         N = logits[0][0].shape[0] * world_size()
+        Q = [[F.softmax(z / tau, dim=1) for z in views] for views in logits]
+        # the mean distributions of every head and view, summed over processes in one all-reduce
+        means = iter([s / N for s in _many(all_reduce_sum, [q.sum(dim=0) for qs in Q for q in qs])])
         total, n_terms = 0.0, 0
-        for views in logits:
+        for views, qs in zip(logits, Q):
             P = [F.softmax(z, dim=1) for z in views]
             logP = [torch.log(p + eps) for p in P]
-            Q = [F.softmax(z / tau, dim=1) for z in views]
-            EH = [_entropy(q, eps).mean() for q in Q]  # mean per-sample entropy
-            HE = [_entropy(all_reduce_sum(q.sum(dim=0)) / N, eps) for q in Q]  # entropy of the mean
+            EH = [_entropy(q, eps).mean() for q in qs]  # mean per-sample entropy
+            HE = [_entropy(next(means), eps) for _ in qs]  # entropy of the mean over the global batch
             for i in range(min(2, len(views))):
                 for j in range(i + 1, len(views)):
                     kl_ij = (P[i] * (logP[i] - logP[j])).sum(dim=1).mean()

