@@ -48,11 +48,13 @@ def bench_step_at(batch, global_px, local_px, n_local=6):
     from model import NNQueue, SelfClassifier
     torch.manual_seed(0)
     model = SelfClassifier("resnet18", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
+    model.to(memory_format=torch.channels_last)  # as train.py does
     opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
     queue = NNQueue(4096, 128)
     queue.push(torch.nn.functional.normalize(torch.randn(4096, 128), dim=1), torch.arange(4096) + 10 ** 6)  # full
     crops = [torch.randn(batch, 3, global_px, global_px) for _ in range(2)]
     crops += [torch.randn(batch, 3, local_px, local_px) for _ in range(n_local)]
+    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     index = torch.arange(batch)
 
     def full():

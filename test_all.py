@@ -833,7 +833,7 @@ def copy_of(one_epoch, tmp_path):
     return out, before
 
 
-@pytest.mark.parametrize("method", ["self_classifier", "sela"])
+@pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     import signal
     import time

@@ -45,7 +45,8 @@ parser.add_argument("--row_tau", type=float, default=0.1, help="temperature of t
 parser.add_argument("--col_tau", type=float, default=0.05, help="temperature of the softmax over samples")
 parser.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight of the extra mean sample entropy")
 parser.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
-parser.add_argument("--twist_tau", type=float, default=1.0, help="TWIST temperature of the entropy terms")
+parser.add_argument("--twist_tau", type=float, default=None, help="TWIST temperature of the entropy terms (default: "
+                    "the paper's 1.0; 0.5 in the CPU recipes, synthetic and (fashion_)mnist)")
 parser.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over the "
                     "run, quadratically spaced (dense early), the first before any step (default: --epochs of them)")
 parser.add_argument("--sela_lamb", type=float, default=25.0, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda; "
@@ -106,6 +107,10 @@ RECIPES = {
                       weight_decay=1e-6, optimizer="sgd", workers=1, log_every=10),
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist"]
+# TWIST at the paper's temperature leaves predictions soft on the small recipes (synthetic set, seed 0:
+# ACC 0.738 at 1.0, 1.000 at 0.5, and 1.000 at 0.5 for seeds 1 and 2)
+if args.twist_tau is None:
+    args.twist_tau = 0.5 if args.dataset in ("synthetic", "fashion_mnist", "mnist") else 1.0
 for k, v in RECIPES[args.dataset].items():
     if getattr(args, k, None) is None:
         setattr(args, k, v)
