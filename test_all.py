@@ -626,7 +626,6 @@ def tiny_problem(method):
 
 def worker_ddp_grads(out, method):
     import torch.distributed as dist
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     net, views, objective = tiny_problem(method)
     ddp = torch.nn.parallel.DistributedDataParallel(net)
@@ -646,12 +645,10 @@ def worker_ddp_grads(out, method):
     dist.all_reduce(mean)
     if rank == 0:
         torch.save(dict(grads=[p.grad for p in net.parameters()], loss=mean / world, shapes=shapes), out)
-    dist.destroy_process_group()
 
 
 def worker_sinkhorn(out):
     import torch.distributed as dist
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
     rows = torch.arange(rank, 501, world)  # unequal shares: 251 and 250 rows
@@ -662,12 +659,27 @@ def worker_sinkhorn(out):
     table = torch.full((501,), -1, dtype=torch.long)
     table[all_rows[all_rows >= 0]] = all_labels[all_rows >= 0]
     torch.save(table, f"{out}.{rank}")
+
+
+def workers(out_dir):
+    """Every two-process check in one torchrun launch: each launch costs seconds of imports."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    for method in ("self_classifier", "twist"):
+        worker_ddp_grads(os.path.join(out_dir, f"ddp_{method}.pt"), method)
+    worker_sinkhorn(os.path.join(out_dir, "table"))
     dist.destroy_process_group()
 
 
-def test_sinkhorn_two_processes_give_the_one_process_table(tmp_path):
-    out = str(tmp_path / "table")
-    run(torchrun(__file__, "sinkhorn", out))
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("two_processes"))
+    run(torchrun(__file__, out_dir))
+    return out_dir
+
+
+def test_sinkhorn_two_processes_give_the_one_process_table(two_processes):
+    out = os.path.join(two_processes, "table")
     log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
     single = loss.sinkhorn_knopp(log_p, 25.0)
     for rank in (0, 1):
@@ -675,10 +687,8 @@ def test_sinkhorn_two_processes_give_the_one_process_table(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["self_classifier", "twist"])
-def test_ddp_gradients_equal_single_process(tmp_path, method):
-    out = str(tmp_path / "ddp.pt")
-    run(torchrun(__file__, "ddp_grads", out, method))
-    got = torch.load(out, weights_only=True)
+def test_ddp_gradients_equal_single_process(two_processes, method):
+    got = torch.load(os.path.join(two_processes, f"ddp_{method}.pt"), weights_only=True)
     net, views, objective = tiny_problem(method)
     value = objective(net(views))
     value.backward()
@@ -715,16 +725,16 @@ def synthetic_run(tmp_path_factory):
 
 
 # measured here (README): on the synthetic set head 0 of Self-Classifier may merge two classes and
-# split a third. Runs differ with the thread count (reduction order), so which ones do is chaotic: the
-# default, seed 0, gave ACC 1.000 on one thread and 0.785 on two; seed 3 0.800; 2 processes 0.875. In
-# every run NMI stayed >= 0.92 and kNN on the backbone features >= 0.995. The tests assert what held in
-# all of them, with a margin; the goal of ACC >= 0.9 in every run is not met (README).
+# split a third. Runs differ with the thread count (reduction order), so which ones do is chaotic: seeds
+# 0-7 on one thread gave ACC 1.000, 1.000, 1.000, 0.800, 0.999, 0.885, 0.900, 0.797; 2 processes at seed 0,
+# 0.860. In every run, at 6, 10 and 15 epochs, NMI stayed >= 0.91 and kNN on the backbone features
+# >= 0.995. The tests assert what held in all of them; the goal of ACC >= 0.9 in every run is not met.
 def test_synthetic_defaults_one_process(synthetic_run):
     log, m, out = synthetic_run
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
     assert "classes" in log and "img/s" in log and "eta" in log
     epochs = [json.loads(line) for line in open(f"{out}/log.jsonl")]
-    assert [e["epoch"] for e in epochs] == list(range(1, 16))
+    assert [e["epoch"] for e in epochs] == list(range(1, 7))
     assert epochs[-1]["loss"] < epochs[0]["loss"] and epochs[-1]["classes"] >= 8
 
 
@@ -818,7 +828,6 @@ def test_imagenet_path_end_to_end_torchrun(tmp_path):
 
 # small runs load data in the training process: a worker process would cost more to start than it saves
 SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--workers", "0", "--batch_size", "256")
-STEPS_PER_EPOCH = 5000 // 256
 
 
 @pytest.fixture(scope="module")
@@ -842,10 +851,14 @@ def copy_of(one_epoch, tmp_path):
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     import signal
     import time
-    flags = [*SMALL_RUN, "--epochs", "2", "--log_every", "5", "--method", method,
-             "--queue_len", "512" if method == "self_classifier" else "0"]
-    straight = str(tmp_path / "straight")
-    run([PY, "train.py", *flags, "--out_dir", straight])
+    # 1,000 of the synthetic training images (--holdout keeps the other 4,000 out) in batches of 32:
+    # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick
+    flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "2", "--log_every", "5",
+             "--method", method, "--queue_len", "256" if method == "self_classifier" else "0"]
+    straight = str(tmp_path / "straight")  # the uninterrupted run, side by side with the killed one
+    with open(tmp_path / "straight.log", "w") as straight_log:
+        uninterrupted = subprocess.Popen([PY, "train.py", *flags, "--out_dir", straight], cwd=HERE,
+                                         stdout=straight_log, stderr=subprocess.STDOUT)
     out = str(tmp_path / "killed")
     cmd = [PY, "train.py", *flags, "--out_dir", out, "--ckpt_minutes", "0.003"]
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -855,10 +868,11 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
-    assert killed_at < 2 * STEPS_PER_EPOCH  # it really was interrupted
-    assert killed_at % STEPS_PER_EPOCH  # and the checkpoint is from inside an epoch
+    assert killed_at < 2 * 31  # it really was interrupted
+    assert killed_at % 31  # and the checkpoint is from inside an epoch
     log = run(cmd)
     assert "resumed from" in log
+    assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
     a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
     b = torch.load(f"{out}/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"]
@@ -885,22 +899,28 @@ def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
 # failures: each case through the real command line
 
 
-def fails(cmd, timeout=300):
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode != 0, p.stdout[-2000:]
-    return p.stdout + p.stderr
+def fails(*cmds, timeout=300):
+    """Run commands side by side (most of a failing launch is its imports); each must fail. Their outputs."""
+    procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode != 0, out[-2000:]
+        outs.append(out + err)
+    return outs[0] if len(cmds) == 1 else outs
 
 
 def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
-    err = fails(torchrun("train.py", *SMALL_RUN, "--batch_size", "127", "--out_dir", str(tmp_path / "a")))
-    assert "--batch_size 127 (global) does not divide by 2 processes" in err
-    err = fails([PY, "train.py", *SMALL_RUN, "--batch_size", "8192", "--out_dir", str(tmp_path / "b")])
-    assert "has 5000 images, fewer than one global batch of 8192" in err
-    err = fails([PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
-                 str(tmp_path / "c")])
-    assert f"{tmp_path / 'nowhere' / 'train'}" in err and "ImageFolder layout" in err
-    err = fails([PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "d")])
-    assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
+    errs = fails(torchrun("train.py", *SMALL_RUN, "--batch_size", "127", "--out_dir", str(tmp_path / "a")),
+                 [PY, "train.py", *SMALL_RUN, "--batch_size", "8192", "--out_dir", str(tmp_path / "b")],
+                 [PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
+                  str(tmp_path / "c")],
+                 [PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir",
+                  str(tmp_path / "d")])
+    assert "--batch_size 127 (global) does not divide by 2 processes" in errs[0]
+    assert "has 5000 images, fewer than one global batch of 8192" in errs[1]
+    assert f"{tmp_path / 'nowhere' / 'train'}" in errs[2] and "ImageFolder layout" in errs[2]
+    assert "train-images-idx3-ubyte" in errs[3] and str(tmp_path) in errs[3]
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
 
 
@@ -940,7 +960,7 @@ def test_one_failing_process_stops_the_job(tmp_path):
 def test_crash_during_save_keeps_the_last_checkpoint(one_epoch, tmp_path):
     out, before = copy_of(one_epoch, tmp_path)
     os.mkdir(f"{out}/ckpt.pt.tmp")  # the next save cannot write its temporary file: it crashes mid-save
-    err = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--out_dir", out])
+    err = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
     assert "ckpt.pt.tmp" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 1
@@ -955,8 +975,8 @@ def test_nan_loss_stops_without_saving(one_epoch, tmp_path):
 
 def test_collapse_is_reported(one_epoch, tmp_path):
     # a batch of 256 images does not use 99% of a 100-class head (even 256 uniform draws miss ~8 classes)
-    out = run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--cls_sizes", "100", "--collapse_frac", "0.99",
-               "--log_every", "2", "--out_dir", str(tmp_path / "a")])
+    out = run([PY, "train.py", *SMALL_RUN, "--holdout", "2000", "--epochs", "1", "--cls_sizes", "100",
+               "--collapse_frac", "0.99", "--log_every", "2", "--out_dir", str(tmp_path / "a")])  # 11 steps
     assert "COLLAPSE? head 0 predicts only" in out and "below 99% for 5 log steps in a row" in out
     healthy = one_epoch[0]  # the same run with the default heads
     assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
@@ -973,12 +993,10 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     bad = tmp_path / "run" / "ckpt.pt"
     bad.parent.mkdir()
     torch.save({"model": {}, "args": {}, "epoch": 0, "evil": Payload()}, bad)
-    err = fails([PY, "evaluate.py", "--ckpt", str(bad)])
-    assert "refusing to load it" in err
-    err = fails([PY, "train.py", *SMALL_RUN, "--out_dir", str(bad.parent)])
-    assert "refusing to load it" in err
+    errs = fails([PY, "evaluate.py", "--ckpt", str(bad)], [PY, "train.py", *SMALL_RUN, "--out_dir", str(bad.parent)])
+    assert all("refusing to load it" in err for err in errs)
     assert not marker.exists()
 
 
-if __name__ == "__main__":  # workers started by torchrun from the tests above
-    {"ddp_grads": worker_ddp_grads, "sinkhorn": worker_sinkhorn}[sys.argv[1]](*sys.argv[2:])
+if __name__ == "__main__":  # the two processes started by torchrun from the fixture two_processes
+    workers(sys.argv[1])
