@@ -754,7 +754,7 @@ def test_short_fashion_mnist_training_beats_kmeans_on_pixels(tmp_path):
         pytest.skip("apt-get install dataset-fashion-mnist")
     # the default recipe, narrower and for one epoch of small batches: 937 steps on the 60,000 images
     _, m, _ = train_and_evaluate(tmp_path, "--dataset", "fashion_mnist", "--width", "8", "--mlp_hidden", "256",
-                                 "--epochs", "1", "--batch_size", "64", "--warmup_epochs", "0.2",
+                                 "--epochs", "1", "--batch_size", "64", "--warmup_epochs", "0.2", "--workers", "2",
                                  eval_args=("--no_knn", "--no_linear", "--no_figures"))
     assert m["num_eval"] == 10000
     assert m["acc"] >= m["kmeans_pixels_acc"] + 0.03 and m["nmi"] >= m["kmeans_pixels_nmi"] + 0.03, m
@@ -855,6 +855,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick
     flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "2", "--log_every", "5",
              "--method", method, "--queue_len", "256" if method == "self_classifier" else "0"]
+    steps_per_epoch = 1000 // 32
     straight = str(tmp_path / "straight")  # the uninterrupted run, side by side with the killed one
     with open(tmp_path / "straight.log", "w") as straight_log:
         uninterrupted = subprocess.Popen([PY, "train.py", *flags, "--out_dir", straight], cwd=HERE,
@@ -868,8 +869,8 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
-    assert killed_at < 2 * 31  # it really was interrupted
-    assert killed_at % 31  # and the checkpoint is from inside an epoch
+    assert killed_at < 2 * steps_per_epoch  # it really was interrupted
+    assert killed_at % steps_per_epoch  # and the checkpoint is from inside an epoch
     log = run(cmd)
     assert "resumed from" in log
     assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
@@ -907,7 +908,7 @@ def fails(*cmds, timeout=300):
         out, err = p.communicate(timeout=timeout)
         assert p.returncode != 0, out[-2000:]
         outs.append(out + err)
-    return outs[0] if len(cmds) == 1 else outs
+    return outs
 
 
 def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
@@ -936,7 +937,7 @@ def test_corrupt_image_is_named_and_last_checkpoint_kept(tmp_path):
     bad = os.path.join(root, "train", "n00000001", "img_3.JPEG")
     with open(bad, "r+b") as f:
         f.truncate(100)  # a JPEG cut short, as after a failed copy
-    err = fails([PY, "train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir", out])
+    [err] = fails([PY, "train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir", out])
     assert f"cannot read image {bad}" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
@@ -951,7 +952,7 @@ def test_one_failing_process_stops_the_job(tmp_path):
     with open(files[first], "wb") as f:
         f.write(b"not a jpeg")
     t0 = time.time()
-    err = fails(torchrun("train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir",
+    [err] = fails(torchrun("train.py", *CNN_FOLDER_RUN, "--data_dir", root, "--epochs", "2", "--out_dir",
                          str(tmp_path / "run")), timeout=120)
     assert time.time() - t0 < 60
     assert f"cannot read image {files[first]}" in err
@@ -960,7 +961,7 @@ def test_one_failing_process_stops_the_job(tmp_path):
 def test_crash_during_save_keeps_the_last_checkpoint(one_epoch, tmp_path):
     out, before = copy_of(one_epoch, tmp_path)
     os.mkdir(f"{out}/ckpt.pt.tmp")  # the next save cannot write its temporary file: it crashes mid-save
-    err = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
+    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
     assert "ckpt.pt.tmp" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 1
@@ -968,7 +969,7 @@ def test_crash_during_save_keeps_the_last_checkpoint(one_epoch, tmp_path):
 
 def test_nan_loss_stops_without_saving(one_epoch, tmp_path):
     out, before = copy_of(one_epoch, tmp_path)
-    err = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--lr", "1e30", "--log_every", "5", "--out_dir", out])
+    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--lr", "1e30", "--log_every", "5", "--out_dir", out])
     assert "loss is nan" in err and "keeps the last good state" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
