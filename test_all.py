@@ -102,6 +102,21 @@ def test_self_classifier_known_values():
     assert abs(loss.self_classifier_loss([[onehot, onehot.clone(), onehot.clone()]]).item()) < 1e-3
 
 
+def test_self_classifier_unbalanced_partition_costs_entropy_without_gradient():
+    # Confident, view-consistent clusters of sizes n_k: N/C * p / sum(p) = N / (C n_k), so the loss is
+    # log C - H(n / N), the two known values above at its ends. Saturated, it has no gradient: nothing
+    # moves images out of the merged cluster (8) or into the halves of the split one (2 + 2).
+    C, sizes = 10, [8, 4, 4, 4, 4, 4, 4, 4, 2, 2]
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    views = [(20.0 * F.one_hot(labels, C).float()).requires_grad_() for _ in range(3)]
+    f = torch.tensor(sizes, dtype=torch.float64) / len(labels)
+    value = loss.self_classifier_loss([views])
+    assert value.item() == pytest.approx(math.log(C) + (f * f.log()).sum().item(), rel=1e-5)
+    assert value.item() == pytest.approx(0.1 * math.log(2), rel=1e-5)
+    value.backward()
+    assert all(v.grad.abs().max() < 1e-6 for v in views)
+
+
 def test_self_classifier_loss_float32_under_bf16():
     logits = [[z.detach().to(torch.bfloat16) for z in views] for views in random_logits(dtype=torch.float32)]
     ref = reference_self_classifier([[z.double() for z in views] for views in logits])
