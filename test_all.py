@@ -662,10 +662,15 @@ def worker_ddp_grads(out, method):
         torch.save(dict(grads=[p.grad for p in net.parameters()], loss=mean / world, shapes=shapes), out)
 
 
+def sinkhorn_problem():
+    # the same log-probabilities in the test and in both torchrun processes
+    return torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
+
+
 def worker_sinkhorn(out):
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
-    log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
+    log_p = sinkhorn_problem()
     rows = torch.arange(rank, 501, world)  # unequal shares: 251 and 250 rows
     labels = loss.sinkhorn_knopp(log_p[rows], 25.0)
     pad = 251 - len(rows)
@@ -695,7 +700,7 @@ def two_processes(tmp_path_factory):
 
 def test_sinkhorn_two_processes_give_the_one_process_table(two_processes):
     out = os.path.join(two_processes, "table")
-    log_p = torch.log_softmax(torch.randn(501, 9, generator=torch.Generator().manual_seed(2)), dim=1)
+    log_p = sinkhorn_problem()
     single = loss.sinkhorn_knopp(log_p, 25.0)
     for rank in (0, 1):
         assert torch.equal(torch.load(f"{out}.{rank}", weights_only=True), single)
