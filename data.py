@@ -108,9 +108,14 @@ def eval_transform(name, size=None):
         transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
 
 
-def train_transform(name, n_local, size=None, local_size=None):
+def default_crop_scale(name, n_local):
     d = DATASETS[name]
-    return MultiCrop(size or d["size"], local_size or d["local_size"], d["scale"] if n_local else d["scale_2views"],
+    return d["scale"] if n_local else d["scale_2views"]
+
+
+def train_transform(name, n_local, size=None, local_size=None, scale=None):
+    d = DATASETS[name]
+    return MultiCrop(size or d["size"], local_size or d["local_size"], scale or default_crop_scale(name, n_local),
                      d["local_scale"], n_local, d["mean"], d["std"], d["blur"])
 
 # -----------------------------------------------------------------------------

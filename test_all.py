@@ -379,6 +379,9 @@ def test_multicrop_views_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(crops, again))
     other, _, _ = ds[(7, 3)]
     assert not torch.equal(crops[0], other[0])
+    # --crop_scale sets the global crops' area range; the local crops keep theirs
+    t = data.train_transform("synthetic", n_local=2, scale=(0.7, 0.9))
+    assert [v[1] for v in t.views] == [(0.7, 0.9)] * 2 + [data.DATASETS["synthetic"]["local_scale"]] * 2
 
 
 def reference_multicrop(size, local_size, n_local, mean, std):
@@ -910,9 +913,10 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
 def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
     out, before = copy_of(one_epoch, tmp_path)
     p = subprocess.run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--out_dir", out, "--cls_sizes", "10", "30",
-                        "--arch", "resnet18"], cwd=HERE, capture_output=True, text=True)
+                        "--arch", "resnet18", "--crop_scale", "0.2", "1"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0
     assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in p.stderr and "arch: checkpoint 'cnn', now 'resnet18'" in p.stderr
+    assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in p.stderr
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
 
@@ -937,11 +941,13 @@ def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
                  [PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
                   str(tmp_path / "c")],
                  [PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir",
-                  str(tmp_path / "d")])
+                  str(tmp_path / "d")],
+                 [PY, "train.py", *SMALL_RUN, "--crop_scale", "0.8", "0.3", "--out_dir", str(tmp_path / "e")])
     assert "--batch_size 127 (global) does not divide by 2 processes" in errs[0]
     assert "has 5000 images, fewer than one global batch of 8192" in errs[1]
     assert f"{tmp_path / 'nowhere' / 'train'}" in errs[2] and "ImageFolder layout" in errs[2]
     assert "train-images-idx3-ubyte" in errs[3] and str(tmp_path) in errs[3]
+    assert "--crop_scale 0.8 0.3: need 0 < LO <= HI <= 1" in errs[4]
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
 
 

@@ -56,6 +56,8 @@ parser.add_argument("--queue_len", type=int, default=None, help="nearest-neighbo
 parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
 parser.add_argument("--size", type=int, default=None, help="global crop side in px")
 parser.add_argument("--local_size", type=int, default=None, help="local crop side in px")
+parser.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="area range of the global crops, as fractions of the image (default: the dataset's)")
 # optimisation
 parser.add_argument("--epochs", type=int, default=None, help="passes over the training set")
 parser.add_argument("--batch_size", type=int, default=None, help="GLOBAL batch, split evenly over processes")
@@ -116,11 +118,14 @@ for k, v in RECIPES[args.dataset].items():
 # twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5 (synthetic
 # set, seed 0: ACC 0.738 at 1.0, 1.000 at 0.5, and 1.000 at 0.5 for seeds 1 and 2)
 for k, v in dict(width=32, twist_tau=1.0, size=data.DATASETS[args.dataset]["size"],
-                 local_size=data.DATASETS[args.dataset]["local_size"]).items():
+                 local_size=data.DATASETS[args.dataset]["local_size"],
+                 crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
     if getattr(args, k) is None:
         setattr(args, k, v)
 if args.data_dir is None:
     args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
+if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+    raise SystemExit(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < LO <= HI <= 1")
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 args.in_chans = data.DATASETS[args.dataset]["chans"]
 args.small_stem = args.size <= 32
@@ -153,7 +158,7 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda)  
 
 # -----------------------------------------------------------------------------
 # data
-transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size)
+transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale)
 dataset = data.build_dataset(args.dataset, args.data_dir, "train", transform, args.download, args.seed, args.holdout)
 if len(dataset) < args.batch_size:
     raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
@@ -189,7 +194,7 @@ if args.method == "sela":
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "queue_len", "n_local",
-              "size", "local_size", "seed")
+              "size", "local_size", "crop_scale", "seed")
 start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
