@@ -17,7 +17,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Per-dataset image facts and crop recipe. size/local_size: global and local crop sides in px;
 # scale/local_scale: RandomResizedCrop area ranges with local crops; scale_2views: the global crops'
-# range without local crops (the paper: 0.14-1; tiny images need more of the object); blur: DINO's
+# range without local crops (the paper: 0.14-1; tiny images need more of the object: on Fashion-MNIST's
+# validation split, seed 0, ACC 0.70 / 0.71 / 0.74 / 0.58 / 0.54 at 0.3 / 0.5 / 0.8 / 0.9 / 1.0); blur: DINO's
 # Gaussian blur (off for tiny images, where it erases the object); eval_resize: shorter side before
 # the center crop.
 _MULTICROP = dict(scale=(0.4, 1.0), local_scale=(0.05, 0.4))
@@ -32,7 +33,7 @@ DATASETS = {
                      blur=False, eval_resize=32, mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276)),
     "mnist": dict(chans=1, classes=10, size=28, local_size=14, **_MULTICROP, scale_2views=(0.3, 1.0),
                   blur=False, eval_resize=28, mean=(0.131,), std=(0.308,)),
-    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, **_MULTICROP, scale_2views=(0.3, 1.0),
+    "fashion_mnist": dict(chans=1, classes=10, size=28, local_size=14, **_MULTICROP, scale_2views=(0.8, 1.0),
                           blur=False, eval_resize=28, mean=(0.286,), std=(0.353,)),
     "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4),
                       scale_2views=(0.5, 1.0), blur=False, eval_resize=16, mean=(0.5,) * 3, std=(0.25,) * 3),
