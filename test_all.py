@@ -1,6 +1,6 @@
 """Tests: every one checks a known value, an independent reference or an invariant. CPU only, offline.
 
-    pytest test_all.py            # about 6 minutes on 2 cores
+    pytest test_all.py            # under 5 minutes on 2 idle cores
 Workers for the distributed tests are this file run by torchrun: python test_all.py WORKER OUT_FILE.
 """
 import itertools
@@ -30,10 +30,22 @@ PY = sys.executable
 
 def run(cmd, timeout=600, env=None):
     """Run a command from the repository folder; fail with its output if it fails."""
+    [out] = side_by_side(cmd, timeout=timeout, env=env)
+    return out
+
+
+def side_by_side(*cmds, timeout=600, env=None, ok=True):
+    """Start the commands at once from the repository folder and wait for all. Each must succeed (ok) or
+    fail (ok=False); their standard outputs if ok, else standard output and error together."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
+    procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for c in cmds]
+    outs = []
+    for cmd, p in zip(cmds, procs):
+        out, err = p.communicate(timeout=timeout)
+        assert (p.returncode == 0) == ok, f"{' '.join(cmd)} exit {p.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+        outs.append(out if ok else out + err)
+    return outs
 
 
 def torchrun(*args, nproc=2):
@@ -729,22 +741,40 @@ def test_ddp_gradients_equal_single_process(two_processes, method):
 # end to end: the real command lines
 
 
-def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=(), env=None):
+def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=()):
     out = str(tmp_path / "run")
-    log = run([*launcher, "train.py", "--out_dir", out, *train_args], env=env)
+    log = run([*launcher, "train.py", "--out_dir", out, *train_args])
     run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", *eval_args])
     with open(f"{out}/metrics.json") as f:
         return log, json.load(f), out
 
 
+FASHION_MNIST_SHORT = ("--dataset", "fashion_mnist", "--width", "8", "--mlp_hidden", "256", "--epochs", "1",
+                       "--batch_size", "64", "--warmup_epochs", "0.2", "--workers", "1")
+
+
 @pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    """python train.py --dataset synthetic with its defaults, then the whole of evaluate.py."""
-    out = str(tmp_path_factory.mktemp("synthetic") / "run")
-    log = run([PY, "train.py", "--dataset", "synthetic", "--out_dir", out])
-    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--linear_epochs", "20"])
-    with open(f"{out}/metrics.json") as f:
-        return log, json.load(f), out
+def long_runs(tmp_path_factory):
+    """The suite's two longest trainings side by side, each on one compute thread (on 2 cores that takes
+    little longer than the longer of the two alone), then their evaluations side by side:
+    "synthetic": python train.py --dataset synthetic with its defaults, then the whole of evaluate.py;
+    "fashion_mnist" (when its files are installed): the default recipe, narrower and for one epoch of small
+    batches, 937 steps on the 60,000 images. (log, metrics, out_dir) of each."""
+    root = tmp_path_factory.mktemp("long_runs")
+    runs = {"synthetic": (("--dataset", "synthetic"), ("--linear_epochs", "20"))}
+    if os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        runs["fashion_mnist"] = (FASHION_MNIST_SHORT, ("--no_knn", "--no_linear", "--no_figures"))
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    logs = side_by_side(*[[PY, "train.py", "--out_dir", str(root / k), *a] for k, (a, _) in runs.items()],
+                        env=one_thread)
+    side_by_side(*[[PY, "evaluate.py", "--ckpt", str(root / k / "ckpt.pt"), *e] for k, (_, e) in runs.items()],
+                 env=one_thread)
+    return {k: (log, json.load(open(root / k / "metrics.json")), str(root / k)) for k, log in zip(runs, logs)}
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(long_runs):
+    return long_runs["synthetic"]
 
 
 # measured here (README): on the synthetic set head 0 of Self-Classifier may merge two classes and
@@ -772,15 +802,10 @@ def test_synthetic_defaults_two_processes(tmp_path):
 # ACC 0.712, NMI 0.656 with two. With the earlier crop scale of 0.3-1 it gave ACC 0.574 (NMI 0.567), and
 # 0.680 (0.630) with code that differed only in rounding: a one-epoch run swings, so the margins are what
 # every such run cleared. On 10,000 test images the standard error of ACC is about 0.005; 0.03 is six of them.
-def test_short_fashion_mnist_training_beats_kmeans_on_pixels(tmp_path):
-    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+def test_short_fashion_mnist_training_beats_kmeans_on_pixels(long_runs):
+    if "fashion_mnist" not in long_runs:
         pytest.skip("apt-get install dataset-fashion-mnist")
-    # the default recipe, narrower and for one epoch of small batches: 937 steps on the 60,000 images. One
-    # compute thread and one data worker: the width-8 network gains less from a second thread than the
-    # worker loses to it (training 52 s here, against 77 s with two threads and two workers)
-    _, m, _ = train_and_evaluate(tmp_path, "--dataset", "fashion_mnist", "--width", "8", "--mlp_hidden", "256",
-                                 "--epochs", "1", "--batch_size", "64", "--warmup_epochs", "0.2", "--workers", "1",
-                                 eval_args=("--no_knn", "--no_linear", "--no_figures"), env={"OMP_NUM_THREADS": "1"})
+    _, m, _ = long_runs["fashion_mnist"]
     assert m["num_eval"] == 10000
     assert m["acc"] >= m["kmeans_pixels_acc"] + 0.03 and m["nmi"] >= m["kmeans_pixels_nmi"] + 0.03, m
 
@@ -928,13 +953,7 @@ def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
 
 def fails(*cmds, timeout=300):
     """Run commands side by side (most of a failing launch is its imports); each must fail. Their outputs."""
-    procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode != 0, out[-2000:]
-        outs.append(out + err)
-    return outs
+    return side_by_side(*cmds, timeout=timeout, ok=False)
 
 
 def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
