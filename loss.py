@@ -4,6 +4,7 @@ Self-Classifier (Amrani et al., ECCV 2022, eq. 5-7), TWIST (Wang et al., 2021, e
 Sinkhorn-Knopp step of SeLa (Asano et al., ICLR 2020, eq. 6-8). Under torch.distributed every batch
 statistic is over the global batch, combined across processes as C-vectors, never [N, C] gathers.
 """
+import itertools
 import math
 
 import torch
@@ -71,12 +72,14 @@ def _float32(logits):
 # Self-Classifier
 
 
-def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
-    """Cross-entropy between views with a uniform class prior (Self-Classifier, Amrani et al. 2022).
+def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, log_prior=None):
+    """Cross-entropy between views with a class prior (Self-Classifier, Amrani et al. 2022).
 
     logits: list over heads of lists over views of [B, C] tensors; views 0 and 1 are the global crops.
     Every ordered pair of views (i -> j), i != j, except local -> local, contributes
     -(1/N) sum_n <Q^i_n, log P^j_n>; the result is the mean over pairs and heads. No stop-gradient.
+    log_prior: list over heads of [C] tensors, log p(y) in the prediction's Bayes rule
+    log P = log(N p(y) p(y|x) / sum_n p(y|x_n)); None is the paper's uniform prior, p(y) = 1/C.
     """
     # Each view is processed on its own [B, C] tensors: stacking the views into one [V, B, C] tensor
     # is slower on a CPU, as every elementwise pass then leaves the cache. Dividing a [B, C] tensor by
@@ -100,11 +103,14 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
             Q = [e * (1 / s) for e, s in zip(E, sums)]  # (B, C), columns sum to 1 over N
             col_sums = sums[len(E):]
         total, n_terms, k = 0.0, 0, 0
-        for views in logits:
+        for h, views in enumerate(logits):
             V = len(views)
             C = views[0].shape[1]
+            # The target's rows are normalised to sum to 1, which also assumes a uniform prior: with a prior
+            # p(y), Bayes' rule would weight each column of Q by p(y) before that normalisation.
             Qv = [q * (1 / q.sum(dim=1, keepdim=True).clamp_min(eps)) for q in Q[k:k + V]]
-            logP = [torch.log(p * ((N / C) / s.clamp_min(eps)) + eps) for p, s in zip(P[k:k + V], col_sums[k:k + V])]
+            prior_n = (N / C) if log_prior is None else N * log_prior[h].float().exp()  # N p(y): scalar or (C,)
+            logP = [torch.log(p * (prior_n / s.clamp_min(eps)) + eps) for p, s in zip(P[k:k + V], col_sums[k:k + V])]
             k += V
             # sum_{(i,j)} <Q^i, logP^j> grouped by the predicted view j: a global view j is predicted
             # from every other view, a local view only from the two global ones
@@ -113,6 +119,21 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
             for target, log_p in zip(targets, logP):
                 total = total - (target * log_p).sum() / views[0].shape[0]
             n_terms += V * (V - 1) - (V - 2) * (V - 3)
+        return total / n_terms
+
+
+def view_cross_entropy(logits, tau=0.1):
+    """The same pairs of views as self_classifier_loss without Bayes' rule and its prior: plain cross-entropy
+    between the views' class distributions, -<softmax(z_i / tau), log softmax(z_j / tau)>. Nothing keeps the
+    classes apart, so every image ends in one class at zero loss (train.py --no_prior shows it)."""
+    with torch.autocast(device_type=logits[0][0].device.type, enabled=False):
+        total, n_terms = 0.0, 0
+        for views in _float32(logits):
+            logP = [F.log_softmax(z / tau, dim=1) for z in views]
+            for i, j in itertools.permutations(range(len(views)), 2):
+                if i < 2 or j < 2:  # no local -> local pairs, as above
+                    total = total - (logP[i].exp() * logP[j]).sum(dim=1).mean()
+                    n_terms += 1
         return total / n_terms
 
 

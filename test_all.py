@@ -62,9 +62,9 @@ def torchrun(*args, nproc=2):
 # Self-Classifier loss against the formula, written independently: one pair at a time, float64
 
 
-def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
+def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, prior=None):
     terms = []
-    for views in logits:
+    for h, views in enumerate(logits):
         for i, j in itertools.permutations(range(len(views)), 2):
             if i >= 2 and j >= 2:
                 continue
@@ -73,7 +73,8 @@ def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12):
             q = q / torch.maximum(q.sum(dim=1, keepdim=True), torch.tensor(eps, dtype=q.dtype))
             p = torch.softmax(views[j] / row_tau, dim=1)
             p = p / torch.maximum(p.sum(dim=0, keepdim=True), torch.tensor(eps, dtype=p.dtype))
-            log_p = torch.log(N / C * p + eps)
+            p_y = 1 / C if prior is None else prior[h]  # p(y), uniform unless given
+            log_p = torch.log(N * p_y * p + eps)
             terms.append(-(q * log_p).sum() / N)
     return torch.stack(terms).mean()
 
@@ -133,6 +134,33 @@ def test_self_classifier_unbalanced_partition_costs_entropy_without_gradient():
     assert value.item() == pytest.approx(0.1 * math.log(2), rel=1e-5)
     value.backward()
     assert all(v.grad.abs().max() < 1e-6 for v in views)
+
+
+def test_self_classifier_prior_argument():
+    # the default is the uniform prior, to the bit; a given prior enters Bayes' rule as p(y)
+    logits = random_logits(dtype=torch.float32)
+    uniform = [torch.full((c,), -math.log(c)) for c in (7, 13)]
+    assert torch.equal(loss.self_classifier_loss(logits), loss.self_classifier_loss(logits, log_prior=None))
+    assert loss.self_classifier_loss(logits, log_prior=uniform).item() == pytest.approx(
+        loss.self_classifier_loss(logits).item(), rel=1e-6)
+    g = torch.Generator().manual_seed(1)
+    prior = [torch.softmax(torch.randn(c, generator=g, dtype=torch.float64), 0) for c in (7, 13)]
+    ours = loss.self_classifier_loss(logits, log_prior=[p.log() for p in prior])
+    ref = reference_self_classifier([[z.double() for z in views] for views in logits], prior=prior)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert abs(ours.item() - loss.self_classifier_loss(logits).item()) > 1e-3  # the prior changes the loss
+
+
+def test_view_cross_entropy_is_plain_and_collapses_at_zero():
+    # without the prior: -<softmax(z_i / tau), log softmax(z_j / tau)> over the same pairs, in float64 here
+    logits = random_logits(views=4)
+    terms = [-(torch.softmax(v[i] / 0.1, 1) * torch.log_softmax(v[j] / 0.1, 1)).sum(1).mean()
+             for v in logits for i, j in itertools.permutations(range(4), 2) if not (i >= 2 and j >= 2)]
+    assert loss.view_cross_entropy(logits).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    collapsed = torch.zeros(40, 10)
+    collapsed[:, 3] = 2.0  # every image in class 3: the best value without the prior, the worst with it
+    assert loss.view_cross_entropy([[collapsed, collapsed.clone()]]).item() < 1e-6
+    assert loss.self_classifier_loss([[collapsed, collapsed.clone()]]).item() == pytest.approx(math.log(10), rel=1e-5)
 
 
 def test_self_classifier_loss_float32_under_bf16():
@@ -946,11 +974,26 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
 def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
     out, before = copy_of(one_epoch, tmp_path)
     p = subprocess.run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--out_dir", out, "--cls_sizes", "10", "30",
-                        "--arch", "resnet18", "--crop_scale", "0.2", "1"], cwd=HERE, capture_output=True, text=True)
+                        "--arch", "resnet18", "--crop_scale", "0.2", "1", "--row_tau", "0.2", "--no_prior"],
+                       cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0
     assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in p.stderr and "arch: checkpoint 'cnn', now 'resnet18'" in p.stderr
     assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in p.stderr
+    assert "row_tau: checkpoint 0.1, now 0.2" in p.stderr and "no_prior: checkpoint False, now True" in p.stderr
     assert open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+def test_older_checkpoint_without_new_settings_resumes(one_epoch, tmp_path):
+    # a checkpoint written before a setting existed is compared with that flag's default
+    out, _ = copy_of(one_epoch, tmp_path)
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    for k in ("no_prior", "col_tau"):
+        del ckpt["args"][k]
+    torch.save(ckpt, f"{out}/ckpt.pt")
+    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--col_tau", "0.1", "--out_dir", out])
+    assert "col_tau: checkpoint 0.05, now 0.1" in err
+    log = run([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--log_every", "100", "--out_dir", out])
+    assert "resumed from" in log and torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -1027,12 +1070,18 @@ def test_nan_loss_stops_without_saving(one_epoch, tmp_path):
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
 
-def test_collapse_is_reported(one_epoch, tmp_path):
-    # a batch of 256 images does not use 99% of a 100-class head (even 256 uniform draws miss ~8 classes)
-    out = run([PY, "train.py", *SMALL_RUN, "--holdout", "2000", "--epochs", "1", "--cls_sizes", "100",
-               "--collapse_frac", "0.99", "--log_every", "2", "--out_dir", str(tmp_path / "a")])  # 11 steps
-    assert "COLLAPSE? head 0 predicts only" in out and "below 99% for 5 log steps in a row" in out
-    healthy = one_epoch[0]  # the same run with the default heads
+def test_collapse_without_the_prior_is_reported(one_epoch, tmp_path):
+    # README, "Learn by breaking it": plain cross-entropy between the views (--no_prior) puts every image in
+    # one class within a few steps; the log says so and head 0 scores chance
+    out = str(tmp_path / "run")
+    log = run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--no_prior", "--log_every", "2", "--out_dir", out])
+    assert "classes 1/10" in log
+    assert "COLLAPSE? head 0 predicts only 1 of 10 classes" in log and "below 50% for 5 log steps in a row" in log
+    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--no_knn", "--no_linear", "--no_kmeans", "--no_figures"])
+    m = json.load(open(f"{out}/metrics.json"))
+    assert len(np.unique(np.load(f"{out}/predictions.npz")["pred"])) == 1
+    assert m["acc"] == pytest.approx(0.1) and m["nmi"] == pytest.approx(0.0, abs=1e-9)  # 10 equal classes
+    healthy = one_epoch[0]  # the same run with the prior
     assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
 
 

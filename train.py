@@ -43,6 +43,8 @@ parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="clas
 parser.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes "
                     "(SeLa: of its cross-entropy on the heads' cosine logits)")
 parser.add_argument("--col_tau", type=float, default=0.05, help="temperature of the softmax over samples")
+parser.add_argument("--no_prior", action="store_true", help="self_classifier without Bayes' rule and its uniform "
+                    "prior: plain cross-entropy between the views at --row_tau, which collapses (an experiment)")
 parser.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight of the extra mean sample entropy")
 parser.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
 parser.add_argument("--twist_tau", type=float, default=None, help="TWIST temperature of the entropy terms (default: "
@@ -79,7 +81,8 @@ parser.add_argument("--ckpt_minutes", type=float, default=0, help="also checkpoi
 parser.add_argument("--keep_every", type=int, default=0, help="also keep a copy of the checkpoint every this many "
                     "epochs as OUT/ckpt_epN.pt, to evaluate the run part way (0 = off)")
 parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when head 0 predicts fewer than this "
-                    "fraction of its classes in the global batch ...")
+                    "fraction of its classes in the global batch (a check that assumes classes of about equal "
+                    "size, as the uniform prior does) ...")
 parser.add_argument("--collapse_logs", type=int, default=5, help="... at this many log steps in a row")
 args = parser.parse_args()
 
@@ -126,6 +129,8 @@ if args.data_dir is None:
     args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
 if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
     raise SystemExit(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < LO <= HI <= 1")
+if args.no_prior and args.method != "self_classifier":
+    raise SystemExit(f"--no_prior removes Self-Classifier's prior; --method {args.method} has none")
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 args.in_chans = data.DATASETS[args.dataset]["chans"]
 args.small_stem = args.size <= 32
@@ -194,12 +199,14 @@ if args.method == "sela":
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "queue_len", "n_local",
-              "size", "local_size", "crop_scale", "seed")
+              "size", "local_size", "crop_scale", "seed", "row_tau", "col_tau", "no_prior", "twist_lam1",
+              "twist_lam2", "twist_tau", "sela_lamb", "sela_relabels")
 start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
-    diff = [f"{k}: checkpoint {ckpt['args'].get(k)!r}, now {getattr(args, k)!r}" for k in MUST_MATCH
-            if ckpt["args"].get(k) != getattr(args, k)]
+    # a setting added after the checkpoint was written had its flag's default then
+    saved = {k: ckpt["args"].get(k, parser.get_default(k)) for k in MUST_MATCH}
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {getattr(args, k)!r}" for k in MUST_MATCH if saved[k] != getattr(args, k)]
     if diff:
         raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
                          + "\n  ".join(diff))
@@ -235,6 +242,8 @@ def objective(logits, index):
         return losses.twist_loss(logits, args.twist_lam1, args.twist_lam2, args.twist_tau)
     if args.method == "sela":
         return losses.sela_loss(logits, pseudo_labels[:, index], args.row_tau)
+    if args.no_prior:
+        return losses.view_cross_entropy(logits, args.row_tau)
     return losses.self_classifier_loss(logits, args.row_tau, args.col_tau)
 
 
@@ -331,6 +340,8 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
             if not math.isfinite(loss_val):
                 raise SystemExit(f"loss is {loss_val} at step {step} (epoch {epoch}); stopping without saving, "
                                  f"{ckpt_path} keeps the last good state. Lower --lr or check the data.")
+            # classes with at least one image in the global batch: near C only where the classes are of about
+            # equal size, as the uniform prior assumes (a different prior can set off the banner below)
             used = int((batch_counts > 0).sum())
             dt = (time.time() - t_log) / (step - step_log)
             print0(f"step {step}/{total_steps} | ep {epoch} | loss {loss_val:.4f} | lr {lr_at(step - 1):.4g} | "
