@@ -1085,6 +1085,120 @@ def test_collapse_without_the_prior_is_reported(one_epoch, tmp_path):
     assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
 
 
+# -----------------------------------------------------------------------------
+# the README keeps its word: its commands run as written, its code quotes are in the code
+
+
+def readme_commands(text):
+    """(line, argv) of every command in the README's bash blocks; continuation lines joined, chains split."""
+    import re
+    import shlex
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line).strip()  # comments
+            for part in re.split(r"&&|;|\|", line):
+                argv = shlex.split(part)
+                while argv and ("=" in argv[0] and not argv[0].startswith("-") or argv[0] == "srun"):
+                    argv = argv[1:]  # VAR=value prefixes and srun
+                if argv:
+                    out.append((line, argv))
+    return out
+
+
+def readme_command_errors(text, script_flags):
+    """What is wrong with the README's python/torchrun commands: scripts that do not exist, flags that
+    their parser does not have. script_flags: {script: set of its flags}."""
+    from torch.distributed.run import get_args_parser
+    errors = []
+    for line, argv in readme_commands(text):
+        if argv[0] == "torchrun":
+            try:
+                a = get_args_parser().parse_args(argv[1:])
+            except SystemExit:
+                errors.append(f"torchrun flags: {line}")
+                continue
+            script, rest = a.training_script, a.training_script_args
+        elif argv[0] in ("python", "python3") and argv[1:2] != ["-m"]:
+            script, rest = argv[1], argv[2:]
+        else:
+            continue
+        if not os.path.isfile(os.path.join(HERE, script)):
+            errors.append(f"no script {script}: {line}")
+        for flag in (t.split("=")[0] for t in rest if t.startswith("--")):
+            if flag not in script_flags.get(script, set()):
+                errors.append(f"{script} has no flag {flag}: {line}")
+    return errors
+
+
+def script_flags():
+    import re
+    return {s: set(re.findall(r"(--[a-z_]+)", run([PY, s, "--help"]))) for s in ("train.py", "evaluate.py", "bench.py")}
+
+
+def test_readme_commands_name_real_scripts_and_flags():
+    text = open(os.path.join(HERE, "README.md")).read()
+    flags = script_flags()
+    assert len([c for c in readme_commands(text) if "train.py" in c[1]]) >= 6  # the parser sees the commands
+    assert readme_command_errors(text, flags) == []
+    broken = text + "\n```bash\npython train.py --dataset synthetic --no_such_flag 3\ntorchrun --nprocs 2 train.py\n" \
+                    "python nowhere.py\n```\n"
+    errors = readme_command_errors(broken, flags)
+    assert len(errors) == 3 and "train.py has no flag --no_such_flag" in errors[0]
+    assert errors[1].startswith("torchrun flags") and errors[2].startswith("no script nowhere.py")
+
+
+def readme_quote_errors(text):
+    """Fragments the README's "method in code" section quotes as the project's code but the named file lacks
+    (whitespace aside): table cells `file.py`: `fragment`; ... and python blocks that open with # file.py."""
+    import re
+    section = text.split("## The method in code")[1].split("\n## ")[0]
+    quotes = []
+    for row in re.findall(r"^\|.*\|$", section, flags=re.M):
+        where = None
+        for span in re.findall(r"`([^`]+)`", row.split("|")[-2]):
+            if re.fullmatch(r"\w+\.py", span):
+                where = span
+            else:
+                quotes.append((where, span))
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+        first, *lines = block.splitlines()
+        quotes += [(first.lstrip("# ").strip(), line) for line in lines if line.strip()]
+    assert quotes, "no quotes found: the section's format changed"
+    squash = lambda t: " ".join(t.split())
+    return [f"{where}: {q}" for where, q in quotes
+            if where is None or squash(q) not in squash(open(os.path.join(HERE, where)).read())]
+
+
+def test_readme_quotes_are_in_the_code():
+    text = open(os.path.join(HERE, "README.md")).read()
+    assert readme_quote_errors(text) == []
+    table_row = "| a made-up step | `loss.py`: `p = p / all_reduce_sum(p.sum(dim=0))` |"
+    broken = text.replace("| weight-normalised classifier", table_row + "\n| weight-normalised classifier")
+    assert readme_quote_errors(broken) == ["loss.py: p = p / all_reduce_sum(p.sum(dim=0))"]
+    broken = text.replace("```python\n# loss.py\n", "```python\n# loss.py\nlogP = torch.log(N / C * p + eps)\n")
+    assert readme_quote_errors(broken) == ["loss.py: logP = torch.log(N / C * p + eps)"]
+
+
+def test_readme_multinode_command_runs_on_two_launchers(tmp_path):
+    # the README's several-node command as written, with node 0 at 127.0.0.1, one process per node instead
+    # of 8, and flags appended for a short synthetic run (argparse keeps the last value)
+    import socket
+    text = open(os.path.join(HERE, "README.md")).read()
+    node, slurm = [a for _, a in readme_commands(text) if a[0] == "torchrun" and "--nnodes" in a]
+    assert [t for t in node if t != "imagenet-1"] == [t for t in slurm if t != "$SLURM_JOB_ID"]  # one run, two ways
+    argv = node
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subst = {"$HEAD:29500": f"127.0.0.1:{port}", "8": "1"}
+    argv = [PY, "-m", "torch.distributed.run"] + [subst.get(t, t) for t in argv[1:]]
+    argv += [*SMALL_RUN, "--holdout", "4000", "--epochs", "1", "--log_every", "1", "--out_dir", str(tmp_path / "run")]
+    node0, node1 = side_by_side(argv, argv, timeout=300)
+    assert "2 process(es) x 128 on cpu" in node0 + node1 and "step 3/3" in node0 + node1
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ.get('SC_MARKER', '/tmp/sc-marker')}",))
