@@ -790,7 +790,7 @@ FASHION_MNIST_SHORT = ("--dataset", "fashion_mnist", "--width", "8", "--mlp_hidd
 @pytest.fixture(scope="module")
 def long_runs(tmp_path_factory):
     """The suite's two longest trainings side by side, each on one compute thread, then their evaluations
-    side by side (86-92 s for the pair here, against 106 s one after the other):
+    side by side, which takes less time than one after the other (docs/experiments.md):
     "synthetic": python train.py --dataset synthetic with its defaults, then the whole of evaluate.py;
     "fashion_mnist" (when its files are installed): the default recipe, narrower and for one epoch of small
     batches, 937 steps on the 60,000 images. (log, metrics, out_dir) of each."""
@@ -811,11 +811,9 @@ def synthetic_run(long_runs):
     return long_runs["synthetic"]
 
 
-# measured here (README): on the synthetic set head 0 of Self-Classifier may merge two classes and
-# split a third. Runs differ with the thread count (reduction order), so which ones do is chaotic: seeds
-# 0-7 on one thread gave ACC 1.000, 1.000, 1.000, 0.800, 0.999, 0.885, 0.900, 0.797; 2 processes at seed 0,
-# 0.860. In every run, at 6, 10 and 15 epochs, NMI stayed >= 0.91 and kNN on the backbone features
-# >= 0.995. The tests assert what held in all of them; the goal of ACC >= 0.9 in every run is not met.
+# On the synthetic set head 0 of Self-Classifier may merge two classes and split a third, and which runs
+# do is chaotic (it changes with the thread count): the tests assert what held in every measured run
+# (docs/experiments.md, "the synthetic set, seed by seed" and "why head 0 merges classes").
 def test_synthetic_defaults_one_process(synthetic_run):
     log, m, out = synthetic_run
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
@@ -832,10 +830,9 @@ def test_synthetic_defaults_two_processes(tmp_path):
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
 
 
-# measured here, k-means on pixels ACC 0.526, NMI 0.523; this run ACC 0.730, NMI 0.669 (one compute thread),
-# ACC 0.712, NMI 0.656 with two. With the earlier crop scale of 0.3-1 it gave ACC 0.574 (NMI 0.567), and
-# 0.680 (0.630) with code that differed only in rounding: a one-epoch run swings, so the margins are what
-# every such run cleared. On 10,000 test images the standard error of ACC is about 0.005; 0.03 is six of them.
+# A one-epoch run swings with rounding and the recipe, so the margin is what every measured run cleared
+# (docs/experiments.md, "Fashion-MNIST: the headline runs"). On 10,000 test images the standard error of
+# ACC is about 0.005; 0.03 is six of them.
 def test_short_fashion_mnist_training_beats_kmeans_on_pixels(long_runs):
     if "fashion_mnist" not in long_runs:
         pytest.skip("apt-get install dataset-fashion-mnist")

@@ -86,14 +86,12 @@ parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when 
 parser.add_argument("--collapse_logs", type=int, default=5, help="... at this many log steps in a row")
 args = parser.parse_args()
 
-# Recipes. ImageNet: the paper's at a global batch of 2048, 256 per GPU on 8 GPUs,
-# with the linear learning-rate scaling 0.3 x batch / 256. cifar10: the CIFAR-10 report's ResNet-18
-# recipe. Small sets: recipes that run on one GPU or a laptop CPU; at a few hundred steps, plain SGD
-# momentum learns much faster than LARS, whose steps are 1e-3 of the weight norm (synthetic set,
-# 15 epochs, seed 0: ACC 0.999 with SGD lr 0.5 against 0.77-0.92 with LARS lr 0.3-4.8). The synthetic
-# set's 6 epochs: head 0's clusters are settled early (seeds 0-7, one thread: ACC within 0.04 of the
-# 15-epoch runs, seed by seed); its 2 data workers, as cropping and jittering a 16-px image costs about
-# as much as the network's step on it.
+# Recipes; the runs behind each small-data choice are in docs/experiments.md, by question.
+# imagenet: the paper's, at a global batch of 2048 (8 GPUs x 256) with lr 0.3 x batch / 256.
+# cifar10: the CIFAR-10 report's ResNet-18 recipe. The CPU recipes use plain SGD: in a few hundred steps
+# LARS, whose steps are 1e-3 of the weight norm, learns too slowly ("why SGD instead of LARS on a CPU").
+# synthetic: 6 epochs, as head 0's clusters settle early, and 2 data workers, as augmenting a 16-px image
+# costs as much as the step on it ("the synthetic set, seed by seed").
 RECIPES = {
     "imagenet": dict(arch="resnet50", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=[1000, 2000, 4000, 8000],
                      queue_len=262144, n_local=6, epochs=100, batch_size=2048, lr=0.3, start_lr=0.3, warmup_epochs=10,
@@ -118,8 +116,8 @@ RECIPES["mnist"] = RECIPES["fashion_mnist"]
 for k, v in RECIPES[args.dataset].items():
     if getattr(args, k, None) is None:
         setattr(args, k, v)
-# twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5 (synthetic
-# set, seed 0: ACC 0.738 at 1.0, 1.000 at 0.5, and 1.000 at 0.5 for seeds 1 and 2)
+# twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5
+# (docs/experiments.md, "why --twist_tau 0.5 in the CPU recipes")
 for k, v in dict(width=32, twist_tau=1.0, size=data.DATASETS[args.dataset]["size"],
                  local_size=data.DATASETS[args.dataset]["local_size"],
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
