@@ -247,7 +247,8 @@ def plot_confusion(y, pred, path):
 
 
 def plot_curves(log_path, path):
-    """Loss, learning rate, classes used by head 0 and, where logged, ACC, per epoch of log.jsonl."""
+    """Loss, learning rate, classes used by head 0 and, where logged, ACC, per epoch of log.jsonl. Classes used
+    near C is healthy only where the classes are of about equal size, as the uniform prior assumes."""
     import matplotlib.pyplot as plt
     with open(log_path) as f:
         log = [json.loads(line) for line in f if line.strip()]
