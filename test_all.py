@@ -680,6 +680,37 @@ def test_metrics_input_validation():
 # distributed: torchrun with 2 processes (gloo) against one process on the whole global batch
 
 
+def reference_knn(train_f, train_y, test_f, test_y, k, temp):
+    # the authors' knn_eval.py protocol, one test sample at a time in numpy: cosine similarities, the k
+    # largest vote for their class with weight exp(cosine / temp), the largest total wins
+    a = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+    correct = 0
+    for x, y in zip(test_f / np.linalg.norm(test_f, axis=1, keepdims=True), test_y):
+        sim = a @ x
+        near = np.argsort(-sim)[:k]
+        votes = np.bincount(train_y[near], weights=np.exp(sim[near] / temp), minlength=train_y.max() + 1)
+        correct += votes.argmax() == y
+    return correct / len(test_y)
+
+
+@pytest.mark.parametrize("k", [1, 10, 20, 100, 200])
+def test_knn_protocol_matches_independent_reference(k):
+    # small features with overlapping classes, so that k and the weights decide many votes
+    rng = np.random.default_rng(k)
+    centres = rng.normal(size=(5, 16))
+    train_y, test_y = rng.integers(0, 5, 400), rng.integers(0, 5, 150)
+    train_f = centres[train_y] + 1.5 * rng.normal(size=(400, 16))
+    test_f = centres[test_y] + 1.5 * rng.normal(size=(150, 16))
+    expected = reference_knn(train_f, train_y, test_f, test_y, k, 0.1)
+    got = metrics.knn_top1(*(torch.from_numpy(a) for a in (train_f, train_y, test_f, test_y)), k=k, temp=0.1, chunk=64)
+    assert got == pytest.approx(expected, abs=1e-12) and 0.3 < got < 1
+    if k == 1:  # one neighbour: the label of the most similar training sample, whatever the weight
+        assert got == pytest.approx(reference_knn(train_f, train_y, test_f, test_y, 1, 1e3))
+    with pytest.raises(ValueError, match="at least k training samples"):
+        metrics.knn_top1(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.zeros(1, 4),
+                         torch.zeros(1, dtype=torch.long), k=4)
+
+
 class TinyNet(nn.Module):
     """A BatchNorm-free network, so that 2 processes and 1 process compute the same function."""
 
@@ -859,13 +890,16 @@ def test_short_fashion_mnist_training_beats_kmeans_on_pixels(long_runs):
 
 def test_evaluate_writes_every_metric_and_figure_one_or_two_processes(synthetic_run, tmp_path):
     _, m, out = synthetic_run
-    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "knn_top1_k200", "linear_top1"}
+    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "linear_top1_fast"}
+    expected |= {f"knn_top1_k{k}" for k in (10, 20, 100, 200)}  # the authors' kNN protocol, at temperature 0.1
     expected |= {f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")}
     assert expected <= set(m) and all(0 <= m[k] <= 1 for k in expected - {"ari"})
     saved = np.load(f"{out}/predictions.npz")  # metrics.json holds what metrics.py says of the predictions
     assert len(saved["pred"]) == m["num_eval"] == 1000
     assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
     assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5  # ten distinct shapes: far above chance (0.1)
+    assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
+    assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
     assert m["kmeans_pixels_acc"] < m["acc"]
     import matplotlib.image
     for name in ("examples", "confusion", "curves"):
