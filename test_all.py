@@ -22,7 +22,7 @@ import loss
 import metrics
 from lars import LARS
 from metrics import ami, ari, cluster_acc, cluster_metrics, nmi
-from model import NNQueue, NormLinear, SelfClassifier
+from model import NNQueue, NormLinear, SelfClassifier, sync_bn_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -957,6 +957,67 @@ def test_imagenet_path_end_to_end_torchrun(tmp_path):
     torch.testing.assert_close(net.eval()(x), ours.eval().backbone(x))
 
 
+# The authors' ImageNet scripts (elad-amrani/self-classifier, commit e5e3fb9): global batch = nodes (#SBATCH line 2)
+# x per-node batch (-b, line 23); --lr, --start-warmup and --final-lr at lines 26-28; --epochs line 25;
+# --syncbn_process_group_size line 21.
+OFFICIAL_RUNS = {
+    "100ep": dict(batch_size=11 * 372, peak_lr=4.8, start_lr=0.3, final_lr=0.0048, epochs=100, bn_group=22),  # scripts/train_100ep.sh
+    "800ep": dict(batch_size=11 * 372, peak_lr=3.2, start_lr=0.2, final_lr=0.0032, epochs=800, bn_group=22),  # scripts/train_800ep.sh
+    "bs2048": dict(batch_size=16 * 128, peak_lr=2.4, start_lr=0.3, final_lr=0.0024, epochs=100,  # scripts/ablation/
+                   bn_group=32),                                                        # batch_size/train_100ep_bs_2048.sh
+}
+
+
+def dry_run(monkeypatch, capsys, *flags):
+    """train.py --dry_run in this process (its imports are this process's): the settings it prints, or its error."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags, "--dry_run"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    return json.loads(capsys.readouterr().out) if stop.value.code == 0 else str(stop.value.code)
+
+
+def test_imagenet_recipes_are_the_official_runs(monkeypatch, capsys):
+    for name, official in OFFICIAL_RUNS.items():
+        got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--recipe", name)
+        assert {k: got[k] for k in official} == pytest.approx(official), name
+        # the settings every one of those scripts shares
+        assert (got["optimizer"], got["weight_decay"], got["warmup_epochs"], got["final_lr_ratio"]) == ("lars", 1e-6, 10, 1e-3)
+        assert (got["cls_sizes"], got["queue_len"], got["n_local"], got["crop_scale"]) == ([1000, 2000, 4000, 8000],
+                                                                                         262144, 6, [0.4, 1.0])
+        assert (got["mlp_layers"], got["mlp_hidden"], got["mlp_out"], got["row_tau"], got["col_tau"]) == (2, 4096, 128, 0.1, 0.05)
+        assert got["precision"] == ("bf16" if name == "bs2048" else "fp32")  # the authors': fp32 (no --use-amp)
+    assert dry_run(monkeypatch, capsys, "--dataset", "imagenet")["recipe"] == "bs2048"  # the 8-GPU default: the ablation
+    assert "the recipes are the published ImageNet runs" in dry_run(monkeypatch, capsys, "--recipe", "100ep")
+
+
+def test_sync_bn_groups_are_consecutive_ranks():
+    assert sync_bn_groups(66, 22) == [list(range(0, 22)), list(range(22, 44)), list(range(44, 66))]  # the authors' 100 epochs
+    assert sync_bn_groups(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert sync_bn_groups(8, 22) == sync_bn_groups(8, 0) == [list(range(8))]  # a group larger than the world is all of it
+    assert sync_bn_groups(3, 1) == [[0], [1], [2]]
+    for world, size in ((8, 3), (8, -1)):
+        with pytest.raises(ValueError, match=f"--bn_group {size}: need 0 or a size that divides the {world} processes"):
+            sync_bn_groups(world, size)
+
+
+def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path, monkeypatch, capsys):
+    # the imagenet recipe's 262,144-sample queue is Self-Classifier's: TWIST and SeLa train without one,
+    # and refuse one asked for by name
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    i = CNN_FOLDER_RUN.index("--queue_len")
+    flags = [*CNN_FOLDER_RUN[:i], *CNN_FOLDER_RUN[i + 2:], "--data_dir", root, "--epochs", "1"]
+    methods = ("twist", "sela")
+    logs = side_by_side(*[[PY, "train.py", *flags, "--method", m, "--out_dir", str(tmp_path / m)] for m in methods])
+    for m, log in zip(methods, logs):
+        ckpt = torch.load(tmp_path / m / "ckpt.pt", weights_only=True)
+        assert ckpt["queue"] is None and ckpt["args"]["queue_len"] == 0, m
+    assert "relabelled: Sinkhorn-Knopp iterations per head [" in logs[1]
+    err = dry_run(monkeypatch, capsys, *flags, "--method", "twist", "--queue_len", "12")
+    assert "--queue_len 12: the nearest-neighbour queue is Self-Classifier's; twist never uses one" in err
+    assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")["queue_len"] == 0
+
+
 # small runs load data in the training process: a worker process would cost more to start than it saves
 SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--workers", "0", "--batch_size", "256")
 
@@ -1026,6 +1087,13 @@ def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
     assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in p.stderr and "arch: checkpoint 'cnn', now 'resnet18'" in p.stderr
     assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in p.stderr
     assert open(f"{out}/ckpt.pt", "rb").read() == before
+    # a checkpoint from before --precision existed trained in fp32 on a CPU: it resumes, never refused for it
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    del ckpt["args"]["precision"]
+    torch.save(ckpt, f"{out}/ckpt.pt")
+    p = subprocess.run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--out_dir", out, "--arch", "resnet18"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "arch: checkpoint 'cnn'" in p.stderr and "precision" not in p.stderr
 
 
 # -----------------------------------------------------------------------------
