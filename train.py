@@ -217,12 +217,15 @@ def sync_bn(module, size):
     # SyncBatchNorm over groups of `size` consecutive ranks, as the authors' runs; every rank creates every group
     if not use_cuda or size == 1:
         return module
-    groups = sync_bn_groups(world_size, size)
+    try:
+        groups = sync_bn_groups(world_size, size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     handles = [dist.new_group(g) for g in groups] if ddp and len(groups) > 1 else [None]
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=handles[rank // len(groups[0])])
 
 
-if args.method == "twist" and use_cuda and args.twist_bn_images % local_batch:
+if args.method == "twist" and use_cuda and ddp and args.twist_bn_images % local_batch:
     raise SystemExit(f"--twist_bn_images {args.twist_bn_images} is not a multiple of the {local_batch} images per process")
 logit_bn, model.logit_bn = model.logit_bn, None  # TWIST's logit BatchNorm has its own groups
 model = sync_bn(model, args.bn_group)
