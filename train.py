@@ -105,8 +105,7 @@ if args.method != "self_classifier":
     if args.bn_group is None:
         args.bn_group = 0 if args.method == "twist" else 1
 
-# Recipes. ImageNet: the paper's at a global batch of 2048, 256 per GPU on 8 GPUs,
-# with the linear learning-rate scaling 0.3 x batch / 256. cifar10: the CIFAR-10 report's ResNet-18
+# Recipes. ImageNet: the paper's, completed by one of the published runs (IMAGENET_RUNS below). cifar10: the CIFAR-10 report's ResNet-18
 # recipe. Small sets: recipes that run on one GPU or a laptop CPU; at a few hundred steps, plain SGD
 # momentum learns much faster than LARS, whose steps are 1e-3 of the weight norm (synthetic set,
 # 15 epochs, seed 0: ACC 0.999 with SGD lr 0.5 against 0.77-0.92 with LARS lr 0.3-4.8). The synthetic
@@ -115,8 +114,8 @@ if args.method != "self_classifier":
 # as much as the network's step on it.
 RECIPES = {
     "imagenet": dict(arch="resnet50", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=[1000, 2000, 4000, 8000],
-                     queue_len=262144, n_local=6, epochs=100, batch_size=2048, lr=0.3, start_lr=0.3, warmup_epochs=10,
-                     weight_decay=1e-6, optimizer="lars", workers=10, log_every=50),
+                     queue_len=262144, n_local=6, warmup_epochs=10, weight_decay=1e-6, optimizer="lars", workers=10,
+                     log_every=50),
     "stl10": dict(arch="resnet18", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 20, 40, 80],
                   queue_len=16384, n_local=4, epochs=200, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=10,
                   weight_decay=1e-6, optimizer="lars", workers=8, log_every=50),
