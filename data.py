@@ -101,11 +101,12 @@ class MultiCrop:
 
 
 def eval_transform(name, size=None):
-    """Resize the shorter side, center crop to the training crop size (default: the dataset's), normalise."""
+    """Resize the shorter side (bilinear, as the authors' evaluation code), center crop to the training crop
+    size (default: the dataset's), normalise."""
     d = DATASETS[name]
     size = size or d["size"]
     return transforms.Compose([
-        transforms.Resize(round(size * d["eval_resize"] / d["size"]), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(round(size * d["eval_resize"] / d["size"]), interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
 
 

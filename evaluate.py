@@ -33,12 +33,18 @@ parser.add_argument("--no_knn", action="store_true", help="skip the kNN classifi
 parser.add_argument("--no_linear", action="store_true", help="skip the linear probe")
 parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means baselines")
 parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
-parser.add_argument("--knn_temp", type=float, default=0.07, help="kNN vote weight exp(cosine / knn_temp)")
+parser.add_argument("--knn_temp", type=float, default=0.1, help="kNN vote weight exp(cosine / knn_temp); 0.1 as "
+                    "the authors' knn_eval.sh")
+parser.add_argument("--knn_k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours; each k gives "
+                    "knn_top1_kK in metrics.json, and knn_top1 is k 20 (the authors' list by default)")
+parser.add_argument("--linear_protocol", default="auto", choices=["auto", "fast", "paper"], help="fast: Adam on "
+                    "cached center-crop features (minutes on a CPU); paper: the Self-Classifier paper's, LARS on "
+                    "RandomResizedCrop + flip through the frozen backbone (slow); auto: paper on imagenet, else fast")
+parser.add_argument("--linear_aug", dest="linear_protocol", action="store_const", const="paper",
+                    help="the same as --linear_protocol paper")
 parser.add_argument("--linear_epochs", type=int, default=100, help="linear probe epochs")
 parser.add_argument("--linear_lr", type=float, default=None, help="linear probe learning rate "
-                    "(default: 1e-3 Adam on cached features; 0.8 x batch / 4096 LARS with --linear_aug)")
-parser.add_argument("--linear_aug", action="store_true", help="ImageNet protocol: train the probe on "
-                    "RandomResizedCrop + flip through the frozen backbone (slow) instead of on cached center crops")
+                    "(default: fast 1e-3 Adam; paper 0.8 x global batch / 4096 LARS)")
 parser.add_argument("--holdout", type=int, default=None, help="score on the validation split of this many training "
                     "images (default: the checkpoint's --holdout; 0 = the test set)")
 parser.add_argument("--seed", type=int, default=0)
@@ -70,6 +76,8 @@ dataset_name = args.dataset or train_args["dataset"]
 data_dir = args.data_dir or train_args["data_dir"]
 out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
 holdout = train_args.get("holdout", 0) if args.holdout is None else args.holdout
+bf16 = use_cuda and train_args.get("precision", "bf16") == "bf16"  # the training run's precision
+linear_protocol = ("paper" if dataset_name == "imagenet" else "fast") if args.linear_protocol == "auto" else args.linear_protocol
 model = build_model(train_args)
 model.load_state_dict(ckpt["model"])
 model.to(device, memory_format=torch.channels_last).eval()  # as in train.py
@@ -101,7 +109,7 @@ def extract(ds):
                                          num_workers=args.workers, pin_memory=use_cuda)
     feats, logits, labels, index = [], [], [], []
     for x, y, i in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             f, (out,) = model.predict(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                                         heads=[0])
         feats.append(f.float())
@@ -114,28 +122,14 @@ def extract(ds):
     return feats[order], logits[order], labels[order]
 
 
-@torch.no_grad()
-def knn_top1(train_f, train_y, test_f, test_y, k, temp, chunk=1024):
-    # DINO's weighted kNN: the k most similar train features vote with weight exp(cosine / temp)
-    C = int(train_y.max()) + 1
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    correct = 0
-    for s in range(0, len(test_f), chunk):
-        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
-        votes = torch.zeros(len(sim), C, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temp).exp())
-        correct += (votes.argmax(dim=1) == test_y[s:s + chunk]).sum().item()
-    return correct / len(test_f)
-
-
 def linear_probe(train_f, train_y, test_f, test_y):
     """One Linear layer on frozen features, cross-entropy, no weight decay, cosine schedule.
 
-    Default: Adam on cached center-crop features (minutes on a CPU); the features are standardised with
-    the training statistics. --linear_aug: the ImageNet protocol, LARS on augmented crops."""
+    fast: Adam on cached center-crop features (minutes on a CPU), standardised with the training
+    statistics. paper: the Self-Classifier paper's ImageNet protocol, LARS on augmented crops."""
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     C = num_classes
-    if not args.linear_aug:
+    if linear_protocol == "fast":
         mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
         train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
         clf = torch.nn.Linear(train_f.shape[1], C).to(device)
@@ -172,7 +166,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
     for epoch in range(args.linear_epochs):
         sampler.set_epoch(epoch)
         for x, y, _ in loader:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 f = model.backbone(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(clf(f.float()), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -280,11 +274,16 @@ if not (args.no_knn and args.no_linear):
     keep = train_y >= 0  # STL-10's unlabelled images have label -1
     train_f, train_y = train_f[keep], train_y[keep]
     if not args.no_knn:
-        for k in (20, 200):
-            results[f"knn_top1" if k == 20 else f"knn_top1_k{k}"] = knn_top1(train_f, train_y, eval_f, eval_y, k,
-                                                                             args.knn_temp)
-    if not args.no_linear:
-        results["linear_top1"] = linear_probe(train_f, train_y, eval_f, eval_y)
+        for k in args.knn_k:
+            if k > len(train_f):
+                print0(f"kNN with k {k}: only {len(train_f)} labelled training images, skipped")
+                continue
+            results[f"knn_top1_k{k}"] = metrics.knn_top1(train_f, train_y, eval_f, eval_y, k, args.knn_temp)
+        results["knn_top1"] = results.get("knn_top1_k20", results.get(f"knn_top1_k{args.knn_k[0]}"))
+        results["knn_temp"] = args.knn_temp
+    if not args.no_linear:  # linear_top1 is the protocol that ran, which linear_protocol names
+        results[f"linear_top1_{linear_protocol}"] = results["linear_top1"] = linear_probe(train_f, train_y, eval_f, eval_y)
+        results["linear_protocol"] = linear_protocol
 if not args.no_kmeans and master:
     results.update(kmeans_scores(F.normalize(eval_f, dim=1).cpu().numpy(), y, "kmeans"))
     if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets

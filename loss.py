@@ -6,6 +6,7 @@ statistic is over the global batch, combined across processes as C-vectors, neve
 """
 import itertools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -196,26 +197,34 @@ def _global_logsumexp(x, dim):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=1000):
+def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=100_000, return_iters=False):
     """Equipartitioned hard labels from log p(y|x) by Sinkhorn-Knopp on P^lamb (SeLa, Asano et al. 2020).
 
     log_p: [B, K] rows of this process (the whole N rows without a process group). Works in the log
-    domain in float64, so P^25 does not underflow. Returns the labels of this process's rows, LongTensor [B].
+    domain in float64, so P^25 does not underflow. Runs until the error is below tol, as the original
+    does (sharp problems need thousands of iterations); max_iter is only a guard and warns when hit.
+    Returns the labels of this process's rows, LongTensor [B] (and the iterations run, if asked).
     """
+    if log_p.ndim != 2 or max_iter < 1:
+        raise ValueError(f"sinkhorn_knopp needs log_p of shape [B, K] and max_iter >= 1, got shape "
+                         f"{tuple(log_p.shape)} and max_iter {max_iter}")
     log_a = lamb * log_p.double()  # (B, K), log of P^lamb
     B, K = log_a.shape
     N = all_reduce_sum(torch.tensor(float(B), dtype=torch.float64, device=log_a.device)).item()
-    log_r = torch.full((K,), -math.log(K), dtype=torch.float64, device=log_a.device)
     log_c = torch.full((B,), -math.log(N), dtype=torch.float64, device=log_a.device)
-    for it in range(max_iter):
+    err = math.inf
+    it = 0
+    while err > tol and it < max_iter:
         # r <- (1/K) / (A c): a sum over all N samples, K numbers per process cross the network
         log_r = -math.log(K) - _global_logsumexp(log_a + log_c[:, None], dim=0)
         # c <- (1/N) / (A^T r): local to each row
         log_c_new = -math.log(N) - torch.logsumexp(log_a + log_r[None, :], dim=1)
-        if (it + 1) % 10 == 0:
+        if it % 10 == 0:  # the original's schedule: after iterations 1, 11, 21, ...
             err = all_reduce_sum(torch.exp(log_c - log_c_new).sub(1).abs().sum()).item()
-            if err < tol:
-                log_c = log_c_new
-                break
         log_c = log_c_new
-    return (log_a + log_r[None, :]).argmax(dim=1)
+        it += 1
+    if err > tol:
+        warnings.warn(f"sinkhorn_knopp stopped at max_iter={max_iter} with error {err:.3g} > tol {tol:g}; "
+                      f"the labels are not converged (raise max_iter)", RuntimeWarning, stacklevel=2)
+    labels = (log_a + log_r[None, :]).argmax(dim=1)
+    return (labels, it) if return_iters else labels

@@ -1,7 +1,9 @@
 """Clustering metrics for Self-Classifier evaluation: NMI, AMI and ARI with scikit-learn's definitions and
-edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), and Hungarian-matched ACC.
+edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), Hungarian-matched ACC, and the
+weighted kNN classifier of the authors' knn_eval.py.
 """
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 
@@ -221,3 +223,21 @@ def cluster_metrics(y_true, y_pred):
     """{'nmi', 'ami', 'ari', 'acc'} from one shared contingency table."""
     t = _table(y_true, y_pred)
     return {"nmi": _nmi(t), "ami": _ami(t), "ari": _ari(t), "acc": _acc(t)}
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, k=20, temp=0.1, chunk=1024):
+    """Weighted kNN top-1 of Self-Classifier's knn_eval.py (after DINO): cosine similarity of L2-normalised
+    features, the k most similar training samples vote with weight exp(cosine / temp). Tensors in, a float out."""
+    if k < 1 or temp <= 0 or len(train_f) < k:
+        raise ValueError(f"kNN needs k >= 1, temp > 0 and at least k training samples; got k {k}, temp {temp}, "
+                         f"{len(train_f)} samples")
+    C = int(train_y.max()) + 1
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    correct = 0
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), C, dtype=sim.dtype, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temp).exp())
+        correct += (votes.argmax(dim=1) == test_y[s:s + chunk]).sum().item()
+    return correct / len(test_f)

@@ -181,6 +181,17 @@ class NNQueue(nn.Module):
         self.ptr.fill_(self._ptr)
 
 
+def sync_bn_groups(world_size, group_size):
+    """Consecutive ranks in groups of group_size, as the authors' SyncBatchNorm groups: a list of rank lists.
+
+    0, or a size of at least world_size, is one group of all ranks; otherwise the size must divide world_size.
+    """
+    if group_size < 0 or (0 < group_size < world_size and world_size % group_size):
+        raise ValueError(f"--bn_group {group_size}: need 0 or a size that divides the {world_size} processes")
+    size = world_size if group_size == 0 or group_size >= world_size else group_size
+    return [list(range(start, start + size)) for start in range(0, world_size, size)]
+
+
 def build_model(a):
     """The model described by a training run's arguments (a dict, as stored in the checkpoint)."""
     return SelfClassifier(a["arch"], a["in_chans"], a["small_stem"], a["width"], a["mlp_layers"], a["mlp_hidden"],

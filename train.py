@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import loss as losses
 from lars import LARS
-from model import NNQueue, build_model, load_checkpoint
+from model import NNQueue, build_model, load_checkpoint, sync_bn_groups
 
 # -----------------------------------------------------------------------------
 # arguments: None means "the dataset's recipe below"
@@ -32,6 +32,10 @@ parser.add_argument("--holdout", type=int, default=0, help="train without the la
 parser.add_argument("--out_dir", default=None, help="checkpoint and logs go here (default: out/DATASET-METHOD)")
 parser.add_argument("--method", default="self_classifier", choices=["self_classifier", "twist", "sela"],
                     help="self_classifier (Amrani et al.), twist (Wang et al.) or sela (Asano et al.)")
+parser.add_argument("--recipe", default=None, choices=["bs2048", "100ep", "800ep"], help="imagenet: the published run "
+                    "to reproduce: bs2048 (default, 8 GPUs x 256: the authors' batch-size ablation), 100ep or 800ep "
+                    "(the paper's runs, global batch 4,092, so the process count must divide 4,092: 6, 12, 22, 66, ...)")
+parser.add_argument("--dry_run", action="store_true", help="print the settings after the recipe as JSON and exit")
 # model
 parser.add_argument("--arch", default=None, help="resnet18, resnet50, alexnet or cnn (a 4-conv network for CPUs)")
 parser.add_argument("--width", type=int, default=None, help="channels of the first conv of --arch cnn (x2, x4, x8 after)")
@@ -51,9 +55,10 @@ parser.add_argument("--twist_tau", type=float, default=None, help="TWIST tempera
                     "the paper's 1.0; 0.5 in the CPU recipes, synthetic and (fashion_)mnist)")
 parser.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over the "
                     "run, quadratically spaced (dense early), the first before any step (default: --epochs of them)")
-parser.add_argument("--sela_lamb", type=float, default=25.0, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda; "
-                    "the paper: 25 on ImageNet, 10 on CIFAR)")
-parser.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off)")
+parser.add_argument("--sela_lamb", type=float, default=None, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda; "
+                    "default: 10 on cifar10/cifar100 as SeLa's CIFAR code, else 25 as its ImageNet code)")
+parser.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off); "
+                    "Self-Classifier only: TWIST and SeLa never use one, and refuse a nonzero length")
 # augmentation
 parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
 parser.add_argument("--size", type=int, default=None, help="global crop side in px")
@@ -73,6 +78,14 @@ parser.add_argument("--weight_decay", type=float, default=None, help="L2 weight 
 # system
 parser.add_argument("--seed", type=int, default=0, help="initial weights, data order and crops all follow it")
 parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+parser.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="CUDA: bf16 autocast (losses stay "
+                    "fp32) or all fp32 as the authors ran (default: fp32 for --recipe 100ep/800ep, else bf16); CPU: fp32")
+parser.add_argument("--bn_group", type=int, default=None, help="CUDA: processes per SyncBatchNorm group, consecutive "
+                    "ranks (0 = all; 1 = no sync). Default: Self-Classifier the recipe's (imagenet: 22 as the authors' "
+                    "100/800-epoch runs, 32 for bs2048), else 0; TWIST 0 as its code; SeLa 1 (its code syncs nothing). "
+                    "CPU: no effect, each process keeps its own statistics")
+parser.add_argument("--twist_bn_images", type=int, default=256, help="CUDA, TWIST: images per group of its logit "
+                    "BatchNorm (its code: 256, 2 GPUs x 128); a multiple of the per-process batch. CPU: no effect")
 parser.add_argument("--workers", type=int, default=None, help="data loading processes per training process")
 parser.add_argument("--log_every", type=int, default=None, help="steps between log lines")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -85,17 +98,26 @@ parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when 
                     "size, as the uniform prior does) ...")
 parser.add_argument("--collapse_logs", type=int, default=5, help="... at this many log steps in a row")
 args = parser.parse_args()
+if args.recipe and args.dataset != "imagenet":
+    raise SystemExit(f"--recipe {args.recipe}: the recipes are the published ImageNet runs; {args.dataset} has one recipe")
+if args.method != "self_classifier":
+    if args.queue_len:  # the queue is part of Self-Classifier's method, neither TWIST's nor SeLa's
+        raise SystemExit(f"--queue_len {args.queue_len}: the nearest-neighbour queue is Self-Classifier's; {args.method} "
+                         f"never uses one (leave --queue_len out or pass 0)")
+    args.queue_len = 0
+    if args.bn_group is None:
+        args.bn_group = 0 if args.method == "twist" else 1
 
 # Recipes; the runs behind each small-data choice are in docs/experiments.md, by question.
-# imagenet: the paper's, at a global batch of 2048 (8 GPUs x 256) with lr 0.3 x batch / 256.
+# imagenet: the paper's, completed by one of the published runs (IMAGENET_RUNS below).
 # cifar10: the CIFAR-10 report's ResNet-18 recipe. The CPU recipes use plain SGD: in a few hundred steps
 # LARS, whose steps are 1e-3 of the weight norm, learns too slowly ("why SGD instead of LARS on a CPU").
 # synthetic: 6 epochs, as head 0's clusters settle early, and 2 data workers, as augmenting a 16-px image
 # costs as much as the step on it ("the synthetic set, seed by seed").
 RECIPES = {
     "imagenet": dict(arch="resnet50", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=[1000, 2000, 4000, 8000],
-                     queue_len=262144, n_local=6, epochs=100, batch_size=2048, lr=0.3, start_lr=0.3, warmup_epochs=10,
-                     weight_decay=1e-6, optimizer="lars", workers=10, log_every=50),
+                     queue_len=262144, n_local=6, warmup_epochs=10, weight_decay=1e-6, optimizer="lars", workers=10,
+                     log_every=50),
     "stl10": dict(arch="resnet18", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 20, 40, 80],
                   queue_len=16384, n_local=4, epochs=200, batch_size=256, lr=0.3, start_lr=0.0, warmup_epochs=10,
                   weight_decay=1e-6, optimizer="lars", workers=8, log_every=50),
@@ -113,12 +135,25 @@ RECIPES = {
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist"]
+# The authors' ImageNet runs (scripts/train_100ep.sh, train_800ep.sh, ablation/batch_size/train_100ep_bs_2048.sh of
+# elad-amrani/self-classifier): their lr is absolute at their global batch, ours is per 256 images, hence * 256 / batch.
+# bs2048 stays in bf16: fp32 at 256 crops of 2 x 224 + 6 x 96 px per GPU was not tried here.
+IMAGENET_RUNS = {
+    "bs2048": dict(batch_size=2048, lr=2.4 * 256 / 2048, start_lr=0.3, epochs=100, bn_group=32, precision="bf16"),
+    "100ep": dict(batch_size=4092, lr=4.8 * 256 / 4092, start_lr=0.3, epochs=100, bn_group=22, precision="fp32"),
+    "800ep": dict(batch_size=4092, lr=3.2 * 256 / 4092, start_lr=0.2, epochs=800, bn_group=22, precision="fp32"),
+}
+if args.dataset == "imagenet":
+    args.recipe = args.recipe or "bs2048"
+    RECIPES["imagenet"].update(IMAGENET_RUNS[args.recipe])
+RECIPES["cifar10"]["sela_lamb"] = RECIPES["cifar100"]["sela_lamb"] = 10.0  # SeLa's cifar.py (its ImageNet code: 25)
 for k, v in RECIPES[args.dataset].items():
     if getattr(args, k, None) is None:
         setattr(args, k, v)
 # twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5
 # (docs/experiments.md, "why --twist_tau 0.5 in the CPU recipes")
-for k, v in dict(width=32, twist_tau=1.0, size=data.DATASETS[args.dataset]["size"],
+for k, v in dict(width=32, twist_tau=1.0, sela_lamb=25.0, bn_group=0, precision="bf16",
+                 size=data.DATASETS[args.dataset]["size"],
                  local_size=data.DATASETS[args.dataset]["local_size"],
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
     if getattr(args, k) is None:
@@ -132,10 +167,15 @@ if args.no_prior and args.method != "self_classifier":
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 args.in_chans = data.DATASETS[args.dataset]["chans"]
 args.small_stem = args.size <= 32
+if args.dry_run:
+    peak = args.lr * args.batch_size / 256
+    print(json.dumps(dict(vars(args), peak_lr=peak, final_lr=peak * args.final_lr_ratio)))
+    raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # processes and device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is world size 1
 use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+args.precision = args.precision if use_cuda else "fp32"  # what runs, for args.json and the resume check
 ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
 if ddp:
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -157,7 +197,7 @@ if args.batch_size % world_size:
 local_batch = args.batch_size // world_size
 torch.manual_seed(args.seed)  # the same initial weights on every process
 torch.backends.cudnn.benchmark = True
-autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda)  # loss stays float32
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")  # loss stays float32
 
 # -----------------------------------------------------------------------------
 # data
@@ -174,8 +214,25 @@ steps_per_epoch, total_steps = sampler.steps, sampler.steps * args.epochs
 # -----------------------------------------------------------------------------
 # model, optimiser, queue
 model = build_model(vars(args))
-if use_cuda:
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def sync_bn(module, size):
+    # SyncBatchNorm over groups of `size` consecutive ranks, as the authors' runs; every rank creates every group
+    if not use_cuda or size == 1:
+        return module
+    try:
+        groups = sync_bn_groups(world_size, size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    handles = [dist.new_group(g) for g in groups] if ddp and len(groups) > 1 else [None]
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=handles[rank // len(groups[0])])
+
+
+if args.method == "twist" and use_cuda and ddp and args.twist_bn_images % local_batch:
+    raise SystemExit(f"--twist_bn_images {args.twist_bn_images} is not a multiple of the {local_batch} images per process")
+logit_bn, model.logit_bn = model.logit_bn, None  # TWIST's logit BatchNorm has its own groups
+model = sync_bn(model, args.bn_group)
+model.logit_bn = sync_bn(logit_bn, max(1, args.twist_bn_images // local_batch)) if logit_bn is not None else None
 # channels_last: faster convolutions on GPUs and CPUs alike (the synthetic recipe's step: 1.4x on one core)
 model.to(device, memory_format=torch.channels_last)
 optimizer_cls = LARS if args.optimizer == "lars" else torch.optim.SGD
@@ -197,14 +254,15 @@ if args.method == "sela":
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "queue_len", "n_local",
-              "size", "local_size", "crop_scale", "seed", "row_tau", "col_tau", "no_prior", "twist_lam1",
-              "twist_lam2", "twist_tau", "sela_lamb", "sela_relabels")
+              "size", "local_size", "crop_scale", "seed", "precision", "row_tau", "col_tau", "no_prior",
+              "twist_lam1", "twist_lam2", "twist_tau", "sela_lamb", "sela_relabels")
+BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32")  # what checkpoints older than a flag trained with
 start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
-    # a setting added after the checkpoint was written had its flag's default then
-    saved = {k: ckpt["args"].get(k, parser.get_default(k)) for k in MUST_MATCH}
-    diff = [f"{k}: checkpoint {saved[k]!r}, now {getattr(args, k)!r}" for k in MUST_MATCH if saved[k] != getattr(args, k)]
+    # a setting added after the checkpoint was written: what such runs trained with, else the flag's default
+    old = {k: ckpt["args"].get(k, BEFORE_FLAG.get(k, parser.get_default(k))) for k in MUST_MATCH}
+    diff = [f"{k}: checkpoint {old[k]!r}, now {getattr(args, k)!r}" for k in MUST_MATCH if old[k] != getattr(args, k)]
     if diff:
         raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
                          + "\n  ".join(diff))
@@ -263,11 +321,14 @@ def relabel():
                 log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1).to("cpu", torch.float16))
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
+    iters = []
     for h in range(len(args.cls_sizes)):
-        labels = losses.sinkhorn_knopp(torch.cat(log_p[h]).to(device), args.sela_lamb)
+        labels, n = losses.sinkhorn_knopp(torch.cat(log_p[h]).to(device), args.sela_lamb, return_iters=True)
+        iters.append(n)
         log_p[h] = None
         labels = losses.all_gather_cat(F.pad(labels, (0, pad), value=-1))
         pseudo_labels[h, index[index >= 0]] = labels[index >= 0]
+    print0(f"relabelled: Sinkhorn-Knopp iterations per head {iters}")
     raw_model.train()
 
 
@@ -297,7 +358,7 @@ if master:
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
-       f"process(es) x {local_batch} on {device.type}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+       f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 step = start_step
 t_log, step_log, t_start, t_saved = time.time(), step, time.time(), time.time()
 low_streak = 0  # log steps in a row at which head 0 used few classes
