@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 # EX_TEMPFAIL of sysexits.h, "try again later": a job script requeues on it, never on a crash (status 1)
 REQUEUE_STATUS = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignal:
@@ -20,7 +21,7 @@ class StopSignal:
         self.received = 0  # the signal this process got (0: none)
         self.agreed = 0  # the signal every process acts on, the same everywhere once set
         self._max, self._work = None, None
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in SIGNALS:
             signal.signal(s, self._note)
 
     def _note(self, signum, frame):
@@ -41,6 +42,10 @@ class StopSignal:
             if not self.agreed:
                 self._max = torch.tensor(self.received)
                 self._work = dist.all_reduce(self._max, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if self.agreed:
+            # stopping now: Python's exit would restore the default action, and a late signal would kill the process
+            for s in SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
         return bool(self.agreed)
 
     def close(self):
