@@ -324,8 +324,8 @@ def bench_stop():
             print(p.stderr[-2000:])
             return
         r = json.load(open(f.name))
-    for k, name in (("none", "none"), ("poll", "StopSignal.poll, as train.py"), ("blocking", "blocking all-reduce")):
-        row(f"step, 2 proc x 32 imgs, stop check: {name}", r[k]["ms"], "ms/step",
+    for k, name in (("none", "no stop check"), ("poll", "StopSignal.poll (train.py)"), ("blocking", "a blocking all-reduce")):
+        row(f"step, 2 proc x 32 imgs: {name}", r[k]["ms"], "ms/step",
             f"{r[k]['ratio']:.3f} x none; the check itself {r[k]['check_us']:,.0f} us/step")
 
 
