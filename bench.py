@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "memory", "loss"],
-                    help="parts to run: step data eval memory loss")
+parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "memory", "loss", "stop"],
+                    help="parts to run: step data eval memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
 args, _ = parser.parse_known_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -264,10 +264,79 @@ def bench_loss():
             f"peak {r['peak_mb']:,.0f} MB/process")
 
 
+# -----------------------------------------------------------------------------
+# 6. train.py's stop-signal check: a small synthetic-recipe step on 2 processes, without the check and with it
+
+
+def stop_worker(out, steps=10):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import loss
+    from model import SelfClassifier
+    from preempt import StopSignal
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = DDP(SelfClassifier("cnn", 3, True, 16, 2, 256, 64, (10, 20)).to(memory_format=torch.channels_last))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    crops = [torch.randn(32, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    group = dist.new_group(backend="gloo")  # as train.py: the flag's own CPU group
+    stop = StopSignal(group)
+
+    def blocking_check():  # the alternative: a round trip inside every step, on the same group
+        flag = torch.tensor(stop.received)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag)
+
+    checks = {"none": lambda: False, "poll": stop.poll, "blocking": blocking_check}
+    step_s, check_s = {k: [] for k in checks}, {k: [] for k in checks}
+    for i in range(4 * args.repeats + 1):  # the modes interleave, in a rotating order, so that load drifts over all
+        names = list(checks)[i % 3:] + list(checks)[:i % 3]
+        for name in names:
+            dist.barrier()
+            t_check, t0 = 0.0, time.perf_counter()
+            for _ in range(steps):
+                value = loss.self_classifier_loss(model(crops)[1])
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                t1 = time.perf_counter()
+                assert not checks[name]()
+                t_check += time.perf_counter() - t1
+            if i:  # the first round warms up
+                step_s[name].append((time.perf_counter() - t0) / steps)
+                check_s[name].append(t_check / steps)
+    stop.close()
+    if dist.get_rank() == 0:
+        none = np.array(step_s["none"])
+        with open(out, "w") as f:  # ratios paired with the no-check block of the same round
+            json.dump({k: dict(ms=1000 * float(np.median(step_s[k])), check_us=1e6 * float(np.median(check_s[k])),
+                               ratio=float(np.median(np.array(step_s[k]) / none))) for k in checks}, f)
+    dist.destroy_process_group()
+
+
+def bench_stop():
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(__file__), "stop_worker", f.name, "--repeats", str(args.repeats)]
+        p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if p.returncode:
+            print(p.stderr[-2000:])
+            return
+        r = json.load(open(f.name))
+    for k, name in (("none", "no stop check"), ("poll", "StopSignal.poll (train.py)"), ("blocking", "a blocking all-reduce")):
+        row(f"step, 2 proc x 32 imgs: {name}", r[k]["ms"], "ms/step",
+            f"{r[k]['ratio']:.3f} x none; the check itself {r[k]['check_us']:,.0f} us/step")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "loss_worker":
         loss_worker(*sys.argv[2:4])
         sys.exit()
+    if len(sys.argv) > 1 and sys.argv[1] == "stop_worker":
+        stop_worker(sys.argv[2])
+        sys.exit()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     for part in args.only:
-        {"step": bench_step, "data": bench_data, "eval": bench_eval, "memory": bench_memory, "loss": bench_loss}[part]()
+        {"step": bench_step, "data": bench_data, "eval": bench_eval, "memory": bench_memory, "loss": bench_loss,
+         "stop": bench_stop}[part]()

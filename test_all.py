@@ -1226,6 +1226,93 @@ def test_collapse_without_the_prior_is_reported(one_epoch, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# preemption: SIGTERM or SIGUSR1 saves the step in flight; the same command resumes from it
+
+
+def test_stop_signal_notes_the_first_signal_and_then_ignores_both():
+    import signal
+    from preempt import SIGNALS, StopSignal
+    saved = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        stop = StopSignal()
+        assert not stop.poll() and stop.agreed == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal keeps the first
+        assert stop.poll() and stop.name == "SIGUSR1"
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in SIGNALS)  # Python's exit cannot kill it now
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def torchrun_worker(launcher_pid, rank):
+    """The pid of the torchrun worker of this rank, a child of the launcher."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, nproc):
+    import re
+    import signal
+    import time
+    # the 31-step epochs of test_kill_and_resume_gives_the_same_weights; one epoch, signalled at step 10
+    flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "1", "--log_every", "5"]
+    launch = [PY] if nproc == 1 else torchrun(nproc=nproc)
+    straight = str(tmp_path / "straight")  # the uninterrupted run, side by side with the signalled one
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "straight.log", "w") as straight_log:
+        uninterrupted = subprocess.Popen([*launch, "train.py", *flags, "--out_dir", straight], cwd=HERE, env=env,
+                                         stdout=straight_log, stderr=subprocess.STDOUT)
+    out = str(tmp_path / "stopped")
+    cmd = [*launch, "train.py", *flags, "--out_dir", out]
+    with open(tmp_path / "stopped.log", "w") as log:
+        p = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while "step 10/31" not in open(tmp_path / "stopped.log").read():
+            assert p.poll() is None, open(tmp_path / "stopped.log").read()[-3000:]
+            time.sleep(0.05)
+        target = p.pid if nproc == 1 else torchrun_worker(p.pid, rank=1)  # under torchrun, rank 1 alone
+        t0 = time.time()
+        while p.poll() is None:  # SIGTERM every 20 ms until the job ends: some land during the save
+            try:
+                os.kill(target, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.02)
+        seconds = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = open(tmp_path / "stopped.log").read()
+    # one process exits with train.py's status; torchrun reports 1 for any failed worker, and names the 75
+    assert p.returncode == (75 if nproc == 1 else 1), text[-3000:]
+    if nproc > 1:
+        assert len(re.findall(r"exitcode\s*: 75 ", text)) == nproc
+    assert seconds < 20
+    [stopped_at] = map(int, re.findall(r"stopped by SIGTERM after step (\d+)/31: saved .* \(exit status 75\)", text))
+    assert 10 <= stopped_at <= 13  # the step in flight, and under torchrun one more, to agree without a sync
+    assert torch.load(f"{out}/ckpt.pt", weights_only=True)["step"] == stopped_at
+    log = run(cmd)
+    assert f"resumed from {out}/ckpt.pt at epoch 0, step {stopped_at}" in log
+    assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
+    a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
+    b = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 31
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+
+
+# -----------------------------------------------------------------------------
 # the README keeps its word: its commands run as written, its code quotes are in the code
 
 

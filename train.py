@@ -2,7 +2,8 @@
 
     python train.py --dataset synthetic                       # a laptop CPU, under a minute
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /path/to/imagenet
-Running the same command again resumes from OUT_DIR/ckpt.pt.
+Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 saves the step in flight and
+exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import data
 import loss as losses
 from lars import LARS
 from model import NNQueue, build_model, load_checkpoint, sync_bn_groups
+from preempt import REQUEUE_STATUS, StopSignal
 
 # -----------------------------------------------------------------------------
 # arguments: None means "the dataset's recipe below"
@@ -347,6 +349,20 @@ def save_checkpoint(step):
     os.replace(tmp, ckpt_path)
 
 
+def state_is_finite(loss):
+    # a host sync: only before a save within an epoch (the epoch end checks the epoch's mean loss)
+    return math.isfinite(loss.item()) and all(torch.isfinite(p).all() for p in raw_model.parameters())
+
+
+def exit_for_requeue(step):
+    if ddp:
+        dist.barrier(group=stop.group)  # torchrun ends every process once one exits: none leaves before the save
+        dist.destroy_process_group()
+    print0(f"stopped by {stop.name} after step {step}/{total_steps}: saved {ckpt_path}; the same command resumes "
+           f"from this step (exit status {REQUEUE_STATUS})")
+    raise SystemExit(REQUEUE_STATUS)
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -359,6 +375,8 @@ if master:
         json.dump(vars(args), f, indent=1)
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
        f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
+# a CPU group of its own, so that the stop flag's all-reduce never queues behind DDP's gradients
+stop = StopSignal(dist.new_group(backend="gloo") if ddp else None)
 step = start_step
 t_log, step_log, t_start, t_saved = time.time(), step, time.time(), time.time()
 low_streak = 0  # log steps in a row at which head 0 used few classes
@@ -411,9 +429,14 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
                 print0(f"{'!' * 80}\nCOLLAPSE? head 0 predicts only {used} of {args.cls_sizes[0]} classes in the "
                        f"global batch, below {args.collapse_frac:.0%} for {low_streak} log steps in a row\n{'!' * 80}")
             t_log, step_log = time.time(), step
+        if stop.poll() and step % steps_per_epoch:  # every process, every step; an epoch's last goes on below
+            if not state_is_finite(loss):
+                raise SystemExit(f"{stop.name} at step {step}, but the loss or weights are not finite; stopping "
+                                 f"without saving, {ckpt_path} keeps the last good state.")
+            save_checkpoint(step)
+            exit_for_requeue(step)
         if args.ckpt_minutes and master and time.time() - t_saved > 60 * args.ckpt_minutes:
-            finite = math.isfinite(loss.item()) and all(torch.isfinite(p).all() for p in raw_model.parameters())
-            if finite:  # rank 0 alone: saving needs no other process
+            if state_is_finite(loss):  # rank 0 alone: saving needs no other process
                 save_checkpoint(step)
                 t_saved = time.time()
     mean_loss = loss_sum / max(n_loss, 1)
@@ -434,6 +457,9 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(dict(epoch=epoch + 1, step=step, loss=mean_loss.item(), lr=lr_at(step - 1),
                                     classes=int((class_counts > 0).sum()), time=time.time() - t_start)) + "\n")
+    if stop.agreed and step < total_steps:  # the signal came at the epoch's last step: saved above
+        exit_for_requeue(step)
+stop.close()
 print0(f"done: {args.epochs} epochs in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
