@@ -88,6 +88,8 @@ def load_split(split, transform):
     ds = data.build_dataset(dataset_name, data_dir, split, transform, holdout=holdout, channels=train_args["in_chans"])
     if dataset_name == "folder" and train_args.get("skip_unreadable"):
         ds.drop([f for f, _ in ds.scan()[0]])  # as in training: the files that cannot be decoded are left out
+    if dataset_name == "folder":
+        ds.draft_side = train_args["size"]  # the evaluation crop's side: the decode need not be larger
     if dataset_name == "cifar100" and args.superclasses:
         if holdout:
             raise SystemExit("--superclasses with a --holdout checkpoint is not supported")

@@ -1149,6 +1149,12 @@ def test_folder_decodes_pictures_as_a_viewer_shows_them(tmp_path):
     crops = data.train_transform("folder", 2)(img)
     assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
     assert data.eval_transform("folder")(img).shape == (3, 64, 64)
+    # a large JPEG decodes at a reduced scale for training, to the pixels of a box resize of the full decode
+    Image.fromarray(quad).resize((576, 384), Image.NEAREST).save(tmp_path / "big.jpg", quality=95)
+    small = data.open_image(str(tmp_path / "big.jpg"), draft=(64, 64))
+    assert small.size == (144, 96)  # 1/4 scale: the smallest with both sides at least 64 px
+    full = data.open_image(str(tmp_path / "big.jpg")).resize(small.size, Image.BOX)
+    assert np.abs(np.asarray(small, dtype=np.float64) - np.asarray(full, dtype=np.float64)).mean() < 1
 
 
 def test_folder_classes_splits_and_order(tmp_path):

@@ -194,6 +194,7 @@ if args.dataset == "folder":
                          + "\nremove or fix them, or pass --skip_unreadable to train without them")
     skipped = [f for f, _ in bad]
     dataset.drop(skipped)
+    dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
     args.folder_files = dataset.fingerprint()
     print0(f"scanned {len(dataset) + len(skipped):,} files in {time.time() - t0:.1f} s: {len(skipped)} unreadable, "
            f"mean {args.mean}, std {args.std}, classes: {dataset.classes or 'none (unlabelled)'}")
@@ -228,8 +229,9 @@ if args.method == "sela":
     label_tf = data.eval_transform(args.dataset, args.size, args.mean, args.std)
     label_set = data.build_dataset(args.dataset, args.data_dir, "train", label_tf, holdout=args.holdout,
                                    channels=args.in_chans)
-    if skipped:
+    if args.dataset == "folder":
         label_set.drop(skipped)
+        label_set.draft_side = args.size
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     n_relabel = args.sela_relabels or args.epochs
