@@ -4,6 +4,7 @@ Every dataset yields (crops, label, index): crops a list of views (2 global, the
 label the true class (-1 where unknown; only evaluation reads it), index the position in the dataset.
 """
 import gzip
+import hashlib
 import os
 import pickle
 
@@ -37,7 +38,18 @@ DATASETS = {
                           blur=False, eval_resize=28, mean=(0.286,), std=(0.353,)),
     "synthetic": dict(chans=3, classes=10, size=16, local_size=8, scale=(0.4, 1.0), local_scale=(0.1, 0.4),
                       scale_2views=(0.5, 1.0), blur=False, eval_resize=16, mean=(0.5,) * 3, std=(0.25,) * 3),
+    # a user's own pictures: classes come from the folder; mean and std are measured on its images by train.py
+    "folder": dict(chans=3, classes=None, size=64, local_size=32, **_MULTICROP, scale_2views=(0.25, 1.0),
+                   blur=False, eval_resize=64, mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
+# the names figures show for the classes of the named datasets
+DATASETS["fashion_mnist"]["names"] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                      "Sneaker", "Bag", "Ankle boot")
+DATASETS["mnist"]["names"] = tuple(str(d) for d in range(10))
+DATASETS["cifar10"]["names"] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                "truck")
+DATASETS["stl10"]["names"] = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 
 # -----------------------------------------------------------------------------
@@ -100,14 +112,14 @@ class MultiCrop:
         return [self.view(x, *v) for v in self.views]
 
 
-def eval_transform(name, size=None):
+def eval_transform(name, size=None, mean=None, std=None):
     """Resize the shorter side (bilinear, as the authors' evaluation code), center crop to the training crop
-    size (default: the dataset's), normalise."""
+    size (default: the dataset's), normalise (default: with the dataset's mean and std)."""
     d = DATASETS[name]
     size = size or d["size"]
     return transforms.Compose([
         transforms.Resize(round(size * d["eval_resize"] / d["size"]), interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean or d["mean"], std or d["std"])])
 
 
 def default_crop_scale(name, n_local):
@@ -115,10 +127,10 @@ def default_crop_scale(name, n_local):
     return d["scale"] if n_local else d["scale_2views"]
 
 
-def train_transform(name, n_local, size=None, local_size=None, scale=None):
+def train_transform(name, n_local, size=None, local_size=None, scale=None, mean=None, std=None):
     d = DATASETS[name]
     return MultiCrop(size or d["size"], local_size or d["local_size"], scale or default_crop_scale(name, n_local),
-                     d["local_scale"], n_local, d["mean"], d["std"], d["blur"])
+                     d["local_scale"], n_local, mean or d["mean"], std or d["std"], d["blur"])
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -169,6 +181,112 @@ class FolderDataset(datasets.ImageFolder):
         i = _seed_augmentation(key, self.seed)
         img, label = super().__getitem__(i)
         return img, label, i
+
+
+def open_image(path, channels=3, draft=None):
+    """A picture file as a user sees it, as an RGB (channels 3) or L (channels 1) PIL image.
+
+    EXIF orientation applied; the first frame of an animation; 16-bit images scaled to 8 bits (not clipped);
+    transparency composited on white, as viewers show it; palette and CMYK through PIL's conversions.
+    draft (w, h): let a JPEG decode at a reduced scale no smaller than this (much faster; for the scan)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, draft)
+        img.load()  # the first frame of a GIF, decoded before the file closes
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and integer images span 0-65535: PIL's convert("L") would clip them at 255
+        x = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(x / 257.0), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def find_images(root):
+    """Relative paths (with /) of every image file below root, in sorted order: the same on every machine."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden folders hold no pictures
+        rel = os.path.relpath(dirpath, root)
+        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in filenames
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file below root (find_images), with the first-level folder as its class where every file
+    sits in one and there are at least two (classes: their sorted names, or the names given); else label -1."""
+
+    def __init__(self, root, transform, channels=3, seed=0, classes=None):
+        self.root, self.transform, self.channels, self.seed = root, transform, channels, seed
+        # JPEGs decode at the smallest 1/2, 1/4 or 1/8 scale whose sides stay at least this many px (None: full
+        # size): a 2000 x 1500 photo decodes 4x faster and is resized to a few dozen px anyway
+        self.draft_side = None
+        self.files = find_images(root)
+        if not self.files:
+            raise FileNotFoundError(f"--data_dir {root}: no image files there or in any sub-folder (looked for "
+                                    f"{' '.join(IMAGE_EXTENSIONS)} in any case)")
+        tops = [f.split("/")[0] if "/" in f else None for f in self.files]
+        labelled = None not in tops and len(set(tops)) >= 2
+        self.classes = (classes or sorted(set(tops))) if labelled else None
+        lookup = {c: i for i, c in enumerate(self.classes or ())}
+        self.labels = np.array([lookup[t] for t in tops] if labelled else [-1] * len(tops), dtype=np.int64)
+
+    def __len__(self):
+        return len(self.files)
+
+    def path(self, i):
+        return os.path.join(self.root, self.files[i])
+
+    def load(self, i, draft=None):
+        try:
+            return open_image(self.path(i), self.channels, draft)
+        except Exception as e:
+            raise RuntimeError(f"cannot read image {self.path(i)}: {e}") from e
+
+    def __getitem__(self, key):
+        i = _seed_augmentation(key, self.seed)
+        return self.transform(self.load(i, self.draft_side and (self.draft_side, self.draft_side))), int(self.labels[i]), i
+
+    def scan(self, side=64):
+        """Decode every file once, JPEGs at a reduced scale, to find the unreadable ones before training and to
+        measure the mean and std of each channel (on thumbnails of at most side px). (unreadable files with
+        the reason, mean, std)."""
+        bad, total, total_sq, n = [], 0.0, 0.0, 0
+        for i in range(len(self)):
+            try:
+                img = self.load(i, draft=(side, side))
+            except RuntimeError as e:
+                bad.append((self.files[i], str(e.__cause__)))
+                continue
+            img.thumbnail((side, side))
+            x = np.asarray(img, dtype=np.float64).reshape(-1, self.channels) / 255
+            total, total_sq, n = total + x.sum(0), total_sq + (x ** 2).sum(0), n + len(x)
+        mean = total / max(n, 1)
+        std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 1e-6))
+        return bad, tuple(round(float(m), 4) for m in np.atleast_1d(mean)), tuple(round(float(s), 4) for s in np.atleast_1d(std))
+
+    def drop(self, files):
+        """Leave these relative paths out (the unreadable files, when the user asks to skip them)."""
+        keep = np.array([f not in set(files) for f in self.files], dtype=bool)
+        self.files = [f for f, k in zip(self.files, keep) if k]
+        self.labels = self.labels[keep]
+
+    def fingerprint(self):
+        # a resume must see the same files in the same order, or its steps would not be the run's
+        return hashlib.sha1("\n".join(self.files).encode()).hexdigest()[:16]
+
+
+def folder_splits(data_dir):
+    """DIR/train and DIR/val when both exist, else DIR for training and evaluation alike."""
+    train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    return (train, val) if os.path.isdir(train) and os.path.isdir(val) else (data_dir, data_dir)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -305,7 +423,7 @@ def make_synthetic(n, seed, size=16, classes=10):
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def build_dataset(name, data_dir, split, transform, download=False, seed=0, holdout=0):
+def build_dataset(name, data_dir, split, transform, download=False, seed=0, holdout=0, channels=3):
     """split: "train" (what training sees, unlabelled), "train_labeled" (for kNN and linear probe)
     or "eval" (the evaluation split: ImageNet val, the test sets, the synthetic held-out set).
 
@@ -314,7 +432,7 @@ def build_dataset(name, data_dir, split, transform, download=False, seed=0, hold
     splits, and the test set is not read."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if holdout and name in ("imagenet", "stl10"):
+    if holdout and name in ("imagenet", "stl10", "folder"):
         raise ValueError(f"--holdout is for datasets with one labelled training set; {name} is not one of them")
     train = split != "eval" or holdout > 0
     if name == "imagenet":
@@ -323,6 +441,13 @@ def build_dataset(name, data_dir, split, transform, download=False, seed=0, hold
             raise FileNotFoundError(f"--data_dir {data_dir}: expected ImageNet in ImageFolder layout, "
                                     f"{root}/<class>/<image>.JPEG, but {root} is missing or empty")
         return FolderDataset(root, transform, seed)
+    if name == "folder":
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"--data_dir {data_dir}: no such folder")
+        train_root, eval_root = folder_splits(data_dir)
+        # with train/ and val/ both splits number their classes by the union of their folder names
+        tops = {e.name for r in {train_root, eval_root} if r != data_dir for e in os.scandir(r) if e.is_dir()}
+        return ImageFiles(eval_root if split == "eval" else train_root, transform, channels, seed, sorted(tops) or None)
     if name == "synthetic":
         images, labels = make_synthetic(5000 if train else 1000, seed=0 if train else 1)
     elif name in ("mnist", "fashion_mnist"):

@@ -2,6 +2,7 @@
 probe and k-means baselines, written to OUT/metrics.json, with figures of what the network learned.
 
     python evaluate.py --ckpt out/synthetic-self_classifier/ckpt.pt
+    python evaluate.py --ckpt out/folder-self_classifier/ckpt.pt   # + clusters.csv and a picture of each class
     torchrun --nproc_per_node=8 evaluate.py --ckpt out/imagenet-self_classifier/ckpt.pt --data_dir /path/to/imagenet
 """
 import argparse
@@ -81,7 +82,10 @@ linear_protocol = ("paper" if dataset_name == "imagenet" else "fast") if args.li
 model = build_model(train_args)
 model.load_state_dict(ckpt["model"])
 model.to(device, memory_format=torch.channels_last).eval()  # as in train.py
-num_classes = data.DATASETS[dataset_name]["classes"]
+num_classes = data.DATASETS[dataset_name]["classes"]  # folder: its number of sub-folders, once read
+# a folder is normalised by the mean and std train.py measured on it
+MEAN = train_args.get("mean") or data.DATASETS[dataset_name]["mean"]
+STD = train_args.get("std") or data.DATASETS[dataset_name]["std"]
 if dataset_name == "cifar100" and args.superclasses:
     num_classes = 20
     if train_args["cls_sizes"][0] != 20:  # 100 clusters matched to 20 classes would inflate every metric
@@ -89,7 +93,11 @@ if dataset_name == "cifar100" and args.superclasses:
 
 
 def load_split(split, transform):
-    ds = data.build_dataset(dataset_name, data_dir, split, transform, holdout=holdout)
+    ds = data.build_dataset(dataset_name, data_dir, split, transform, holdout=holdout, channels=train_args["in_chans"])
+    if dataset_name == "folder" and train_args.get("skip_unreadable"):
+        ds.drop([f for f, _ in ds.scan()[0]])  # as in training: the files that cannot be decoded are left out
+    if dataset_name == "folder":
+        ds.draft_side = train_args["size"]  # the evaluation crop's side: the decode need not be larger
     if dataset_name == "cifar100" and args.superclasses:
         if holdout:
             raise SystemExit("--superclasses with a --holdout checkpoint is not supported")
@@ -147,10 +155,9 @@ def linear_probe(train_f, train_y, test_f, test_y):
         with torch.no_grad():
             return (clf(test_f).argmax(1) == test_y).float().mean().item()
     # augmented protocol: crops through the frozen backbone every epoch, probe trained under DDP
-    d = data.DATASETS[dataset_name]
     from torchvision import transforms
     aug = transforms.Compose([transforms.RandomResizedCrop(train_args["size"]), transforms.RandomHorizontalFlip(),
-                              transforms.ToTensor(), transforms.Normalize(d["mean"], d["std"])])
+                              transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     ds = load_split("train_labeled", aug)
     clf = torch.nn.Linear(model.feat_dim, C).to(device)
     clf.weight.data.normal_(0, 0.01)
@@ -191,36 +198,39 @@ def kmeans_scores(x, y, prefix):
 
 def show_image(ds, i):
     # the evaluation crop, un-normalised, as an (H, W[, 3]) array in [0, 1]
-    d = data.DATASETS[dataset_name]
-    x = ds[i][0] * torch.tensor(d["std"])[:, None, None] + torch.tensor(d["mean"])[:, None, None]
+    x = ds[i][0] * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
     x = x.clamp(0, 1).permute(1, 2, 0).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
-def plot_examples(ds, pred, conf, y, path, rows=20, cols=10):
-    """The most confident evaluation images of each predicted class (largest classes first if there are many)."""
+def plot_examples(ds, pred, conf, y, path, rows=20, cols=10, names=None):
+    """The most confident evaluation images of each predicted class (largest classes first if there are many),
+    each row titled with the true class most of its images have (by name where names are known)."""
     import matplotlib.pyplot as plt
-    classes = np.bincount(pred, minlength=num_classes).argsort()[::-1][:rows]
-    classes = np.sort(classes[np.bincount(pred, minlength=num_classes)[classes] > 0])
+    sizes = np.bincount(pred, minlength=train_args["cls_sizes"][0])
+    classes = sizes.argsort()[::-1][:rows]
+    classes = np.sort(classes[sizes[classes] > 0])
     fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.9, len(classes) * 0.95), squeeze=False)
     for r, c in enumerate(classes):
         members = np.flatnonzero(pred == c)
+        title = f"class {c}: {len(members)} imgs"
+        if (y >= 0).all():  # an unlabelled folder has no true class to show
+            majority = np.bincount(y[members]).argmax()
+            purity = (y[members] == majority).mean()
+            title += f", {purity:.0%} true class {names[majority] if names else majority}"
         members = members[np.argsort(-conf[members])][:cols]
-        majority = np.bincount(y[pred == c]).argmax()
-        purity = (y[pred == c] == majority).mean()
         for k, ax in enumerate(axes[r]):
             ax.axis("off")
             if k < len(members):
                 ax.imshow(show_image(ds, members[k]), cmap="gray", vmin=0, vmax=1)
-        axes[r][0].set_title(f"class {c}: {len(pred[pred == c])} imgs, {purity:.0%} true class {majority}",
-                             fontsize=7, loc="left")
+        axes[r][0].set_title(title, fontsize=7, loc="left")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_confusion(y, pred, path):
-    """Row-normalised confusion matrix, predicted classes ordered by their Hungarian match."""
+def plot_confusion(y, pred, path, names=None):
+    """Row-normalised confusion matrix, predicted classes ordered by their Hungarian match, true classes named."""
     import matplotlib.pyplot as plt
     from scipy.optimize import linear_sum_assignment
     ys, yi = np.unique(y, return_inverse=True)
@@ -234,6 +244,8 @@ def plot_confusion(y, pred, path):
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xlabel("predicted class (matched order)")
     ax.set_ylabel("true class")
+    if names and len(ys) <= 40:  # beyond that the names overlap
+        ax.set_yticks(range(len(ys)), [names[c] for c in ys], fontsize=7)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,15 +270,62 @@ def plot_curves(log_path, path):
     plt.close(fig)
 
 
+def write_clusters(ds, pred, conf, path):
+    """One row per image of a folder: its path below --data_dir, its class and the class's probability."""
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "class", "confidence"])
+        for i in range(len(ds)):
+            w.writerow([os.path.relpath(ds.path(i), data_dir).replace(os.sep, "/"), int(pred[i]), f"{conf[i]:.4f}"])
+
+
+def plot_class_sheets(ds, pred, conf, y, out_dir, names=None, one_sheet_max=20, side=8):
+    """The most confident images of every class: one sheet, clusters.png, for up to one_sheet_max classes in
+    use, else clusters/class_007.png per class (a side x side grid)."""
+    import matplotlib.pyplot as plt
+    used = np.unique(pred)
+    if len(used) <= one_sheet_max:
+        return plot_examples(ds, pred, conf, y, os.path.join(out_dir, "clusters.png"), rows=one_sheet_max, names=names)
+    os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)
+    for c in used:
+        members = np.flatnonzero(pred == c)
+        best = members[np.argsort(-conf[members])][:side * side]
+        rows = -(-len(best) // side)
+        fig, axes = plt.subplots(rows, side, figsize=(side * 0.9, rows * 0.9 + 0.3), squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if k < len(best):
+                ax.imshow(show_image(ds, best[k]), cmap="gray", vmin=0, vmax=1)
+        fig.suptitle(f"class {c}: {len(members)} images, the {len(best)} most confident", fontsize=8)
+        fig.tight_layout(pad=0.2)
+        fig.savefig(os.path.join(out_dir, "clusters", f"class_{c:03d}.png"), dpi=80)
+        plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 # scoring
 t0 = time.time()
-eval_tf = data.eval_transform(dataset_name, train_args["size"])
-eval_ds = load_split("eval", eval_tf)
+eval_tf = data.eval_transform(dataset_name, train_args["size"], MEAN, STD)
+try:
+    eval_ds = load_split("eval", eval_tf)
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(str(e)) from None
 eval_f, eval_logits, eval_y = extract(eval_ds)
 pred = eval_logits.argmax(1).cpu().numpy()
 y = eval_y.cpu().numpy()
-results = metrics.cluster_metrics(y, pred)
+# class names: a folder's sub-folders, ImageNet's folder names, or the named datasets' classes
+class_names = getattr(eval_ds, "classes", None) or data.DATASETS[dataset_name].get("names")
+labelled = bool((y >= 0).all())
+if dataset_name == "folder":
+    num_classes = len(eval_ds.classes) if labelled else None
+    if not labelled:  # no labels: every metric that needs them is skipped
+        args.no_knn = args.no_linear = args.no_kmeans = True
+    elif len(set(data.folder_splits(data_dir))) == 1 and not (args.no_knn and args.no_linear):
+        # kNN and the probe would be fitted on the images they are scored on
+        print0("no DIR/train and DIR/val: kNN and the linear probe skipped (they need a held-out split)")
+        args.no_knn = args.no_linear = True
+results = metrics.cluster_metrics(y, pred) if labelled else {}
 results["classes_used"] = int(len(np.unique(pred)))
 results["num_eval"] = len(y)
 if not (args.no_knn and args.no_linear):
@@ -293,17 +352,25 @@ results["seconds"] = round(time.time() - t0, 1)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=ckpt["epoch"], **results)
+    results["class_sizes"] = np.bincount(pred, minlength=train_args["cls_sizes"][0]).tolist()  # images per class of head 0
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
     np.savez(os.path.join(out_dir, "predictions.npz"), label=y, pred=pred, confidence=conf)
     for k, v in results.items():
         print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
+    if dataset_name == "folder":
+        write_clusters(eval_ds, pred, conf, os.path.join(out_dir, "clusters.csv"))
+        print(f"wrote {os.path.join(out_dir, 'clusters.csv')}: the class of each of {len(pred):,} images")
     if not args.no_figures:
         import matplotlib
         matplotlib.use("Agg")
-        plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"))
-        plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"))
+        if dataset_name == "folder":
+            plot_class_sheets(eval_ds, pred, conf, y, out_dir, class_names)
+        else:
+            plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"), names=class_names)
+        if labelled:
+            plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"), class_names)
         log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
         if os.path.exists(log_path):
             plot_curves(log_path, os.path.join(out_dir, "curves.png"))

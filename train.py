@@ -1,6 +1,7 @@
 """Train Self-Classifier (or TWIST, or SeLa) on unlabelled images, one process or many under torchrun.
 
     python train.py --dataset synthetic                       # a laptop CPU, under a minute
+    python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120   # your own pictures
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /path/to/imagenet
 Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 saves the step in flight and
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
@@ -27,7 +28,13 @@ from preempt import REQUEUE_STATUS, StopSignal
 # arguments: None means "the dataset's recipe below"
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", default="synthetic", choices=list(data.DATASETS))
-parser.add_argument("--data_dir", default=None, help="dataset location (fashion_mnist: /usr/share/datasets/fashion-mnist)")
+parser.add_argument("--data_dir", default=None, help="dataset location (fashion_mnist: /usr/share/datasets/fashion-mnist; "
+                    "folder: every picture below it; first-level sub-folders, if every picture sits in one, are "
+                    "classes used only for scoring; DIR/train and DIR/val, when both exist, are the splits)")
+parser.add_argument("--channels", type=int, default=None, choices=[1, 3], help="folder: 1 reads the pictures as "
+                    "greyscale (scans, X-rays, micrographs) into a 1-channel network; default 3 (RGB)")
+parser.add_argument("--skip_unreadable", action="store_true", help="folder: train without the files that cannot "
+                    "be decoded, listed in OUT/skipped.txt (default: name them and stop before training)")
 parser.add_argument("--download", action="store_true", help="download the dataset with torchvision (needs a network)")
 parser.add_argument("--holdout", type=int, default=0, help="train without the last N training images (a fixed "
                     "permutation); evaluate.py then scores on them instead of the test set (for tuning)")
@@ -44,7 +51,9 @@ parser.add_argument("--width", type=int, default=None, help="channels of the fir
 parser.add_argument("--mlp_layers", type=int, default=None, help="Linear layers of the projection MLP (0 = none)")
 parser.add_argument("--mlp_hidden", type=int, default=None, help="hidden width of the projection MLP")
 parser.add_argument("--mlp_out", type=int, default=None, help="embedding dimension (output of the MLP)")
-parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="classes of each head; head 0 is evaluated")
+parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="classes of each head; head 0 is evaluated "
+                    "and names the classes. K unknown: give head 0 more classes than you expect (an over-split class "
+                    "is easier to merge by eye than a mixed one) and extra heads of about 3K and 10K")
 # objective
 parser.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes "
                     "(SeLa: of its cross-entropy on the heads' cosine logits)")
@@ -132,6 +141,11 @@ RECIPES = {
     "fashion_mnist": dict(arch="cnn", width=32, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                           queue_len=0, n_local=0, epochs=3, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                           weight_decay=1e-6, optimizer="sgd", workers=1, log_every=20, twist_tau=0.5),
+    # folder: a few thousand pictures on a laptop CPU (docs/experiments.md, "your own folder"); on GPUs
+    # scale by flags, e.g. --arch resnet18 --size 128 --n_local 4 --batch_size 256 --epochs 200
+    "folder": dict(arch="cnn", width=32, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
+                   queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
+                   weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
                       queue_len=0, n_local=0, epochs=6, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
@@ -167,7 +181,9 @@ if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
 if args.no_prior and args.method != "self_classifier":
     raise SystemExit(f"--no_prior removes Self-Classifier's prior; --method {args.method} has none")
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
-args.in_chans = data.DATASETS[args.dataset]["chans"]
+if args.channels is not None and args.dataset != "folder":
+    raise SystemExit(f"--channels is for --dataset folder; {args.dataset} has {data.DATASETS[args.dataset]['chans']}")
+args.in_chans = args.channels or data.DATASETS[args.dataset]["chans"]
 args.small_stem = args.size <= 32
 if args.dry_run:
     peak = args.lr * args.batch_size / 256
@@ -203,8 +219,32 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precis
 
 # -----------------------------------------------------------------------------
 # data
-transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale)
-dataset = data.build_dataset(args.dataset, args.data_dir, "train", transform, args.download, args.seed, args.holdout)
+try:
+    dataset = data.build_dataset(args.dataset, args.data_dir, "train", None, args.download, args.seed, args.holdout,
+                                 args.in_chans)
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(str(e)) from None
+skipped, args.mean, args.std = [], None, None  # None: the dataset's normalisation
+if args.dataset == "folder":
+    # every file decoded once before any step (JPEGs at 1/8 scale): a bad file stops the run now, not at
+    # step 5,000; the same pass measures the folder's mean and std, which the network's input is normalised by
+    t0 = time.time()
+    bad, args.mean, args.std = dataset.scan()
+    if bad and not args.skip_unreadable:
+        raise SystemExit(f"{len(bad)} of {len(dataset)} files below {args.data_dir} cannot be decoded:\n  "
+                         + "\n  ".join(f"{f}: {e}" for f, e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+                         + "\nremove or fix them, or pass --skip_unreadable to train without them")
+    skipped = [f for f, _ in bad]
+    dataset.drop(skipped)
+    dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
+    args.folder_files = dataset.fingerprint()
+    print0(f"scanned {len(dataset) + len(skipped):,} files in {time.time() - t0:.1f} s: {len(skipped)} unreadable, "
+           f"mean {args.mean}, std {args.std}, classes: {dataset.classes or 'none (unlabelled)'}")
+dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
+                                         args.mean, args.std)
+if max(args.cls_sizes) > len(dataset):
+    raise SystemExit(f"--cls_sizes {' '.join(map(str, args.cls_sizes))}: a head of {max(args.cls_sizes)} classes "
+                     f"for {len(dataset)} images; every class needs images, so pick sizes below {len(dataset)}")
 if len(dataset) < args.batch_size:
     raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
                      f"of {args.batch_size}; lower --batch_size")
@@ -245,8 +285,12 @@ queue = NNQueue(args.queue_len, model.mlp.out_dim).to(device) if args.queue_len 
 pseudo_labels, relabel_steps = None, set()
 if args.method == "sela":
     # the relabelling pass sees each training image once, as a center crop
-    label_set = data.build_dataset(args.dataset, args.data_dir, "train", data.eval_transform(args.dataset, args.size),
-                                   holdout=args.holdout)
+    label_tf = data.eval_transform(args.dataset, args.size, args.mean, args.std)
+    label_set = data.build_dataset(args.dataset, args.data_dir, "train", label_tf, holdout=args.holdout,
+                                   channels=args.in_chans)
+    if args.dataset == "folder":
+        label_set.drop(skipped)
+        label_set.draft_side = args.size
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     n_relabel = args.sela_relabels or args.epochs
@@ -263,8 +307,9 @@ start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
     # a setting added after the checkpoint was written: what such runs trained with, else the flag's default
-    old = {k: ckpt["args"].get(k, BEFORE_FLAG.get(k, parser.get_default(k))) for k in MUST_MATCH}
-    diff = [f"{k}: checkpoint {old[k]!r}, now {getattr(args, k)!r}" for k in MUST_MATCH if old[k] != getattr(args, k)]
+    keys = MUST_MATCH + (("folder_files",) if args.dataset == "folder" else ())
+    old = {k: ckpt["args"].get(k, BEFORE_FLAG.get(k, parser.get_default(k))) for k in keys}
+    diff = [f"{k}: checkpoint {old[k]!r}, now {getattr(args, k)!r}" for k in keys if old[k] != getattr(args, k)]
     if diff:
         raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
                          + "\n  ".join(diff))
@@ -373,6 +418,9 @@ if master:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    if args.skip_unreadable:
+        with open(os.path.join(args.out_dir, "skipped.txt"), "w") as f:
+            f.writelines(f"{s}\n" for s in skipped)
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
        f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 # a CPU group of its own, so that the stop flag's all-reduce never queues behind DDP's gradients
