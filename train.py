@@ -141,9 +141,9 @@ RECIPES = {
     "fashion_mnist": dict(arch="cnn", width=32, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                           queue_len=0, n_local=0, epochs=3, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                           weight_decay=1e-6, optimizer="sgd", workers=1, log_every=20, twist_tau=0.5),
-    # folder: a few thousand pictures on a laptop CPU (docs/experiments.md, "your own folder"); on GPUs
-    # scale by flags, e.g. --arch resnet18 --size 128 --n_local 4 --batch_size 256 --epochs 200
-    "folder": dict(arch="cnn", width=32, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
+    # folder: a few thousand pictures in under 30 min on a laptop CPU, hence width 16 (docs/experiments.md,
+    # "your own folder"); on GPUs scale by flags, e.g. --arch resnet18 --size 128 --n_local 4 --epochs 200
+    "folder": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                    queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
                    weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
