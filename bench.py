@@ -246,18 +246,25 @@ def loss_worker(out, mode, batch=64, repeats=5):
     dist.destroy_process_group()
 
 
+def run_worker(nproc, worker, *worker_args):
+    """This file's worker under torchrun on nproc processes: the JSON its rank 0 wrote, or None if it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.abspath(__file__), worker, f.name, *worker_args]
+        p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if p.returncode:
+            print(p.stderr[-2000:])
+            return None
+        return json.load(open(f.name))
+
+
 def bench_loss():
     results = {}
     for mode in ("allreduce", "gather"):
         for nproc in (1, 2):
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       os.path.abspath(__file__), "loss_worker", f.name, mode]
-                p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-                if p.returncode:
-                    print(p.stderr[-2000:])
-                    continue
-                results[mode, nproc] = json.load(open(f.name))
+            r = run_worker(nproc, "loss_worker", mode)
+            if r is not None:
+                results[mode, nproc] = r
     for (mode, nproc), r in results.items():
         name = "C-vector all-reduce (ours)" if mode == "allreduce" else "all-gather of the logits"
         row(f"loss fwd+bwd, 4 heads 15k classes, 8 views, 64/process: {name}, {nproc} proc", r["ms"], "ms",
@@ -316,14 +323,9 @@ def stop_worker(out, steps=10):
 
 
 def bench_stop():
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.abspath(__file__), "stop_worker", f.name, "--repeats", str(args.repeats)]
-        p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-        if p.returncode:
-            print(p.stderr[-2000:])
-            return
-        r = json.load(open(f.name))
+    r = run_worker(2, "stop_worker", "--repeats", str(args.repeats))
+    if r is None:
+        return
     for k, name in (("none", "no stop check"), ("poll", "StopSignal.poll (train.py)"), ("blocking", "a blocking all-reduce")):
         row(f"step, 2 proc x 32 imgs: {name}", r[k]["ms"], "ms/step",
             f"{r[k]['ratio']:.3f} x none; the check itself {r[k]['check_us']:,.0f} us/step")

@@ -274,7 +274,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def drop(self, files):
         """Leave these relative paths out (the unreadable files, when the user asks to skip them)."""
-        keep = np.array([f not in set(files) for f in self.files], dtype=bool)
+        files = set(files)
+        keep = np.array([f not in files for f in self.files], dtype=bool)
         self.files = [f for f, k in zip(self.files, keep) if k]
         self.labels = self.labels[keep]
 
