@@ -225,6 +225,21 @@ def cluster_metrics(y_true, y_pred):
     return {"nmi": _nmi(t), "ami": _ami(t), "ari": _ari(t), "acc": _acc(t)}
 
 
+def cluster_metrics_from_counts(counts):
+    """cluster_metrics of the labellings whose (true class x predicted class) counts these are: what a
+    distributed evaluation sums over processes, instead of gathering every label."""
+    m = np.asarray(counts.cpu().numpy() if hasattr(counts, "cpu") else counts, dtype=np.int64)
+    if m.ndim != 2 or (m < 0).any() or m.sum() == 0:
+        raise ValueError(f"counts must be a 2-D table of non-negative counts, not all zero; got shape {m.shape}")
+    m = m[m.sum(1) > 0][:, m.sum(0) > 0]  # classes and clusters without samples are not labels at all
+    t = _Table()
+    t.n, t.a, t.b, t.dense = int(m.sum()), m.sum(1), m.sum(0), m
+    nz = np.flatnonzero(m)
+    t.vals = m.reshape(-1)[nz]
+    t.rows, t.cols = np.divmod(nz, m.shape[1])
+    return {"nmi": _nmi(t), "ami": _ami(t), "ari": _ari(t), "acc": _acc(t)}
+
+
 @torch.no_grad()
 def knn_top1(train_f, train_y, test_f, test_y, k=20, temp=0.1, chunk=1024):
     """Weighted kNN top-1 of Self-Classifier's knn_eval.py (after DINO): cosine similarity of L2-normalised
