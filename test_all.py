@@ -694,6 +694,20 @@ def test_metrics_sparse_table_and_blocked_emi(monkeypatch):
             assert got[key] == pytest.approx(exp[key], abs=1e-12)
 
 
+def test_metrics_from_summed_counts_equal_metrics_from_labels():
+    # train.py's --eval_every sums (true class x class) counts over processes instead of gathering labels
+    rng = np.random.default_rng(0)
+    for classes, clusters, n in [(10, 10, 1000), (10, 30, 700), (3, 1, 50), (1, 5, 40), (100, 7, 3000)]:
+        y = rng.integers(0, classes, n)
+        p = (y * 3 + rng.integers(0, 2, n)) % clusters
+        counts = np.zeros((classes + 2, clusters + 3), dtype=np.int64)  # rows and columns of unused labels too
+        np.add.at(counts, (y, p), 1)
+        halves = torch.tensor(counts // 2) + torch.tensor(counts - counts // 2)  # two processes' shares, summed
+        assert metrics.cluster_metrics_from_counts(halves) == cluster_metrics(y, p)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.cluster_metrics_from_counts(np.zeros((3, 3)))
+
+
 def test_metrics_input_validation():
     for f in (nmi, ami, ari, cluster_acc, cluster_metrics):
         with pytest.raises(ValueError, match="same length"):
@@ -883,6 +897,32 @@ def synthetic_run(long_runs):
     return long_runs["synthetic"]
 
 
+def log_records(out, kind):
+    return [r for r in map(json.loads, open(f"{out}/log.jsonl")) if r["kind"] == kind]
+
+
+def printed_steps(log):
+    """The log lines train.py printed, as the fields its log.jsonl step records hold."""
+    import re
+    pattern = (r"step (\d+)/\d+ \| ep (\d+) \| loss (\S+) \| lr (\S+) \| \d+ ms/step \| ([\d,]+) img/s \| "
+               r"classes (\d+)/\d+ \| balance (\S+) \|")
+    return [dict(step=int(s), epoch=int(e), loss=loss, lr=lr, img_s=img_s, classes=int(c), balance=b)
+            for s, e, loss, lr, img_s, c, b in re.findall(pattern, log)]
+
+
+def as_printed(r):
+    # a step record in the print format of its log line
+    return dict(step=r["step"], epoch=r["epoch"], loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.4g}",
+                img_s=f"{r['img_s']:,.0f}", classes=r["classes"], balance=f"{r['balance']:.3f}")
+
+
+def same_eval_scores(record, m):
+    # train.py's in-training evaluation against evaluate.py's metrics.json for the same checkpoint
+    assert record["num_eval"] == m["num_eval"] and record["classes"] == m["classes_used"]
+    for k in ("nmi", "ami", "ari", "acc"):
+        assert record[k] == pytest.approx(m[k], rel=1e-12, abs=1e-12), (k, record, m)
+
+
 # On the synthetic set head 0 of Self-Classifier may merge two classes and split a third, and which runs
 # do is chaotic (it changes with the thread count): the tests assert what held in every measured run
 # (docs/experiments.md, "the synthetic set, seed by seed" and "why head 0 merges classes").
@@ -890,9 +930,36 @@ def test_synthetic_defaults_one_process(synthetic_run):
     log, m, out = synthetic_run
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
     assert "classes" in log and "img/s" in log and "eta" in log
-    epochs = [json.loads(line) for line in open(f"{out}/log.jsonl")]
+    epochs = log_records(out, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(1, 7))
     assert epochs[-1]["loss"] < epochs[0]["loss"] and epochs[-1]["classes"] >= 8
+    # one record per printed log line, holding what the line says: every 10th step and the last of 114
+    steps = log_records(out, "step")
+    assert [r["step"] for r in steps] == [*range(10, 114, 10), 114]
+    assert [as_printed(r) for r in steps] == printed_steps(log)
+    assert all(0 < r["balance"] <= 1 and 1 <= r["classes"] <= 10 for r in steps)
+    # --eval_every 1 (the recipe's): each epoch scored; the last equals evaluate.py on the final checkpoint
+    evals = log_records(out, "eval")
+    assert [(r["epoch"], r["step"]) for r in evals] == [(e, 19 * e) for e in range(1, 7)]
+    same_eval_scores(evals[-1], m)
+
+
+def test_curves_only_needs_no_data_or_checkpoint(synthetic_run, tmp_path):
+    import matplotlib.image
+    _, _, out = synthetic_run
+    log = open(f"{out}/log.jsonl").read()
+    older = "".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n" for r in log_records(out, "epoch"))
+    for name, text in (("running", log + '{"kind": "step", "st'), ("older", older)):  # cut mid-line; epochs only
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "log.jsonl").write_text(text)
+        printed = run([PY, "evaluate.py", "--ckpt", str(tmp_path / name / "ckpt.pt"), "--curves_only"])
+        assert f"wrote {tmp_path / name / 'curves.png'}" in printed
+        img = matplotlib.image.imread(tmp_path / name / "curves.png")
+        assert img.ndim == 3 and min(img.shape[:2]) > 100 and img.std() > 0.01
+        assert sorted(os.listdir(tmp_path / name)) == ["curves.png", "log.jsonl"]  # nothing else read or written
+    p = subprocess.run([PY, "evaluate.py", "--ckpt", str(tmp_path / "none" / "ckpt.pt"), "--curves_only"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and f"no {tmp_path / 'none' / 'log.jsonl'}" in p.stderr
 
 
 def test_synthetic_defaults_two_processes(tmp_path):
@@ -900,6 +967,9 @@ def test_synthetic_defaults_two_processes(tmp_path):
                                      eval_args=("--no_linear", "--no_kmeans", "--no_figures"))
     assert "2 process(es) x 128" in log
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
+    # each process scored half of the evaluation split; summed, the same metrics as one evaluate.py process
+    same_eval_scores(log_records(out, "eval")[-1], m)
+    assert [as_printed(r) for r in log_records(out, "step")] == printed_steps(log)
 
 
 # A one-epoch run swings with rounding and the recipe, so the margin is what every measured run cleared
@@ -1064,6 +1134,16 @@ def copy_of(one_epoch, tmp_path):
     return out, before
 
 
+def same_records(straight, resumed):
+    """A resumed run logs each step, epoch end and evaluation once, with the uninterrupted run's values (the
+    timings aside, and the epoch records' means, which start again at a resume)."""
+    keys = dict(step=("step", "epoch", "loss", "lr", "classes", "balance"), epoch=("epoch", "step"),
+                eval=("epoch", "step", "nmi", "ami", "ari", "acc", "classes", "balance", "num_eval"))
+    for kind, fields in keys.items():
+        a, b = ([{k: r[k] for k in fields} for r in log_records(out, kind)] for out in (straight, resumed))
+        assert a == b, kind
+
+
 @pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     import signal
@@ -1088,9 +1168,12 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     killed_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
     assert killed_at < 2 * steps_per_epoch  # it really was interrupted
     assert killed_at % steps_per_epoch  # and the checkpoint is from inside an epoch
+    with open(f"{out}/log.jsonl", "a") as f:  # as if the kill came after a log line past the checkpoint, mid-write
+        f.write(json.dumps(dict(kind="step", step=killed_at + 1, epoch=0, loss=0.0)) + '\n{"kind": "st')
     log = run(cmd)
     assert "resumed from" in log
     assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
+    same_records(straight, out)
     a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
     b = torch.load(f"{out}/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"]
@@ -1303,6 +1386,7 @@ def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, npro
     log = run(cmd)
     assert f"resumed from {out}/ckpt.pt at epoch 0, step {stopped_at}" in log
     assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
+    same_records(straight, out)
     a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
     b = torch.load(f"{out}/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 31
@@ -1448,6 +1532,12 @@ def test_unlabelled_folder_gives_clusters_and_pictures_not_metrics(tmp_path):
     run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0"], env={"OMP_NUM_THREADS": "1"})
     m = json.load(open(f"{out}/metrics.json"))
     assert not {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "kmeans_acc"} & set(m), m
+    # the in-training evaluation (the folder recipe's every 5th epoch and the last) has no label to score by
+    [record] = log_records(out, "eval")
+    assert not {"nmi", "ami", "ari", "acc"} & set(record) and record["num_eval"] == 512
+    p = np.array(m["class_sizes"]) / 512
+    assert record["classes"] == m["classes_used"]
+    assert record["balance"] == pytest.approx(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(30), rel=1e-9)
     import csv
     rows = list(csv.DictReader(open(f"{out}/clusters.csv")))
     assert [r["path"] for r in rows] == [f"{i:05d}.png" for i in range(512)]  # every picture once, in order

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import loss as losses
+import metrics
 from lars import LARS
 from model import NNQueue, build_model, load_checkpoint, sync_bn_groups
 from preempt import REQUEUE_STATUS, StopSignal
@@ -98,7 +99,12 @@ parser.add_argument("--bn_group", type=int, default=None, help="CUDA: processes 
 parser.add_argument("--twist_bn_images", type=int, default=256, help="CUDA, TWIST: images per group of its logit "
                     "BatchNorm (its code: 256, 2 GPUs x 128); a multiple of the per-process batch. CPU: no effect")
 parser.add_argument("--workers", type=int, default=None, help="data loading processes per training process")
-parser.add_argument("--log_every", type=int, default=None, help="steps between log lines")
+parser.add_argument("--log_every", type=int, default=None, help="steps between log lines, each also a record of "
+                    "OUT/log.jsonl")
+parser.add_argument("--eval_every", type=int, default=None, help="every this many epochs and at the last, score head "
+                    "0 on the evaluation split (center crops, eval mode) into OUT/log.jsonl: NMI, AMI, ARI and ACC "
+                    "where there are labels, classes used and balance always. The labels are read for this record "
+                    "alone, never for training or for choosing anything. 0 = off; default 5 on folder, else 1")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--ckpt_minutes", type=float, default=0, help="also checkpoint within an epoch every this many "
                     "minutes (0 = only at epoch ends); a resume continues from that step")
@@ -145,7 +151,7 @@ RECIPES = {
     # "your own folder"); on GPUs scale by flags, e.g. --arch resnet18 --size 128 --n_local 4 --epochs 200
     "folder": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                    queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
-                   weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
+                   weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5, eval_every=5),
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
                       queue_len=0, n_local=0, epochs=6, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
@@ -168,7 +174,7 @@ for k, v in RECIPES[args.dataset].items():
         setattr(args, k, v)
 # twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5
 # (docs/experiments.md, "why --twist_tau 0.5 in the CPU recipes")
-for k, v in dict(width=32, twist_tau=1.0, sela_lamb=25.0, bn_group=0, precision="bf16",
+for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, bn_group=0, precision="bf16",
                  size=data.DATASETS[args.dataset]["size"],
                  local_size=data.DATASETS[args.dataset]["local_size"],
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
@@ -248,6 +254,24 @@ if max(args.cls_sizes) > len(dataset):
 if len(dataset) < args.batch_size:
     raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
                      f"of {args.batch_size}; lower --batch_size")
+# --eval_every: the evaluation split as evaluate.py reads it, checked now rather than at the first epoch's end
+eval_set, labelled, n_true = None, False, 1  # n_true: rows of the (true class x class) table; 1 without labels
+if args.eval_every:
+    try:
+        eval_set = data.build_dataset(args.dataset, args.data_dir, "eval", data.eval_transform(
+            args.dataset, args.size, args.mean, args.std), holdout=args.holdout, channels=args.in_chans)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--eval_every {args.eval_every}: {e}\n(--eval_every 0 trains without scoring)") from None
+    labelled = args.dataset != "folder" or bool(eval_set.classes)
+    if labelled:
+        n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
+    if args.dataset == "folder":
+        eval_set.draft_side = args.size
+        bad = [f for f, _ in eval_set.scan()[0]] if eval_set.root != dataset.root else skipped
+        if bad and not args.skip_unreadable:
+            raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0]}; remove or "
+                             f"fix them, pass --skip_unreadable, or --eval_every 0")
+        eval_set.drop(bad)
 sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
 loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
                                      pin_memory=use_cuda, drop_last=True, persistent_workers=args.workers > 0)
@@ -379,6 +403,60 @@ def relabel():
     raw_model.train()
 
 
+def balance(counts):
+    """Entropy of the class sizes over log C: 1 when every class of the head is used equally, as the uniform
+    prior asks, 0 when one class takes every image."""
+    p = counts.double() / counts.sum()
+    return float(-torch.xlogy(p, p).sum() / math.log(len(p))) if len(p) > 1 else 1.0
+
+
+log_path = os.path.join(args.out_dir, "log.jsonl")
+
+
+def log_record(**record):
+    # one JSON line per log step, epoch and evaluation, from rank 0; a line is written whole or not at all
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def score_head0(epoch):
+    """--eval_every: head 0 on the evaluation split as evaluate.py scores it (center crops, eval mode, 256
+    images a forward), each process its share; the (true class x class) counts are summed over processes."""
+    t0 = time.time()
+    # every process scores with rank 0's BatchNorm statistics, the checkpoint's: each process keeps its own on a
+    # CPU and per --bn_group; its own come back afterwards, so that training does not depend on --eval_every
+    own = [b.clone() for b in raw_model.buffers()] if ddp else []
+    if ddp:
+        for b in raw_model.buffers():
+            dist.broadcast(b, 0)
+    raw_model.eval()
+    C = args.cls_sizes[0]
+    loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world_size)),
+                                          batch_size=256, num_workers=args.workers)
+    counts = torch.zeros(n_true * C, dtype=torch.long, device=device)
+    for x, y, _ in loader_:
+        with autocast:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            pred = raw_model.predict(x, heads=[0])[1][0].argmax(dim=1)
+        row = y.to(device).clamp(min=0) if labelled else torch.zeros_like(pred)
+        counts.index_add_(0, row * C + pred, torch.ones_like(pred))
+    if ddp:
+        dist.all_reduce(counts)
+    for b, mine in zip(raw_model.buffers(), own):
+        b.copy_(mine)
+    raw_model.train()
+    counts = counts.view(n_true, C).cpu()
+    sizes = counts.sum(0)
+    r = dict(metrics.cluster_metrics_from_counts(counts) if labelled else {}, classes=int((sizes > 0).sum()),
+             balance=balance(sizes), num_eval=int(sizes.sum()), seconds=time.time() - t0)
+    log_record(kind="eval", epoch=epoch, step=step, **r)
+    scores = "".join(f"{k} {r[k]:.4f} | " for k in ("nmi", "ami", "ari", "acc") if k in r)
+    print0(f"eval after epoch {epoch}: {scores}classes {r['classes']}/{C} | balance {r['balance']:.3f} | "
+           f"{r['seconds']:.1f} s")
+
+
 def save_checkpoint(step):
     # rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt
     if not master:
@@ -416,6 +494,18 @@ def fmt_time(s):
 # training loop
 if master:
     os.makedirs(args.out_dir, exist_ok=True)
+    if os.path.exists(log_path):
+        # records after the checkpoint's step are of steps this run does again: keep each step once
+        keep = []
+        for line in open(log_path):
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line cut short by a kill
+                pass
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     if args.skip_unreadable:
@@ -467,11 +557,13 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
                                  f"{ckpt_path} keeps the last good state. Lower --lr or check the data.")
             # classes with at least one image in the global batch: near C only where the classes are of about
             # equal size, as the uniform prior assumes (a different prior can set off the banner below)
-            used = int((batch_counts > 0).sum())
+            used, bal = int((batch_counts > 0).sum()), balance(batch_counts)
             dt = (time.time() - t_log) / (step - step_log)
             print0(f"step {step}/{total_steps} | ep {epoch} | loss {loss_val:.4f} | lr {lr_at(step - 1):.4g} | "
-                   f"{dt * 1000:.0f} ms/step | {args.batch_size / dt:,.0f} img/s | "
-                   f"classes {used}/{args.cls_sizes[0]} | eta {fmt_time(dt * (total_steps - step))}")
+                   f"{dt * 1000:.0f} ms/step | {args.batch_size / dt:,.0f} img/s | classes {used}/{args.cls_sizes[0]} "
+                   f"| balance {bal:.3f} | eta {fmt_time(dt * (total_steps - step))}")
+            log_record(kind="step", step=step, epoch=epoch, loss=loss_val, lr=lr_at(step - 1),
+                       img_s=args.batch_size / dt, classes=used, balance=bal)
             low_streak = low_streak + 1 if used < args.collapse_frac * args.cls_sizes[0] else 0
             if low_streak >= args.collapse_logs:
                 print0(f"{'!' * 80}\nCOLLAPSE? head 0 predicts only {used} of {args.cls_sizes[0]} classes in the "
@@ -495,16 +587,17 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
     if not math.isfinite(mean_loss.item()):  # between two log steps: still never saved
         raise SystemExit(f"loss is not finite in epoch {epoch}; stopping without saving, {ckpt_path} keeps the "
                          f"last good state. Lower --lr or check the data.")
+    # the epoch's records before its checkpoint: a resume drops whatever was logged past its step
+    log_record(kind="epoch", epoch=epoch + 1, step=step, loss=mean_loss.item(), lr=lr_at(step - 1),
+               classes=int((class_counts > 0).sum()), balance=balance(class_counts), time=time.time() - t_start)
+    if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        score_head0(epoch + 1)
     save_checkpoint(step)
     t_saved = time.time()
     if master and args.keep_every and (epoch + 1) % args.keep_every == 0:
         kept = os.path.join(args.out_dir, f"ckpt_ep{epoch + 1}.pt")
         shutil.copyfile(ckpt_path, kept + ".tmp")
         os.replace(kept + ".tmp", kept)
-    if master:
-        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(dict(epoch=epoch + 1, step=step, loss=mean_loss.item(), lr=lr_at(step - 1),
-                                    classes=int((class_counts > 0).sum()), time=time.time() - t_start)) + "\n")
     if stop.agreed and step < total_steps:  # the signal came at the epoch's last step: saved above
         exit_for_requeue(step)
 stop.close()
