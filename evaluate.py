@@ -34,6 +34,8 @@ parser.add_argument("--no_knn", action="store_true", help="skip the kNN classifi
 parser.add_argument("--no_linear", action="store_true", help="skip the linear probe")
 parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means baselines")
 parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
+parser.add_argument("--curves_only", action="store_true", help="only draw OUT/curves.png from the log.jsonl beside "
+                    "--ckpt: no data, no model, and the checkpoint need not exist yet (a run in its first epoch)")
 parser.add_argument("--knn_temp", type=float, default=0.1, help="kNN vote weight exp(cosine / knn_temp); 0.1 as "
                     "the authors' knn_eval.sh")
 parser.add_argument("--knn_k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours; each k gives "
@@ -50,6 +52,79 @@ parser.add_argument("--holdout", type=int, default=None, help="score on the vali
                     "images (default: the checkpoint's --holdout; 0 = the test set)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+
+
+def read_log(path):
+    """The records of train.py's log.jsonl, skipping a line cut short by a kill; records written before the
+    log had kinds are epoch records."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append({"kind": "epoch", **json.loads(line)})
+            except ValueError:
+                pass
+    return records
+
+
+def plot_curves(log_path, path):
+    """Per log step: loss, learning rate, images/s, and head 0's classes used and balance (entropy of its class
+    sizes / log C) over the global batch; per evaluation (--eval_every): head 0's clustering metrics, classes used
+    and balance on the evaluation split. Dotted lines end epochs. Classes used and balance near their maximum
+    are healthy only where the classes are of about equal size, as the uniform prior assumes."""
+    import matplotlib.pyplot as plt
+    log = read_log(log_path)
+    steps = [r for r in log if r["kind"] == "step"] or [r for r in log if r["kind"] == "epoch"]  # older logs
+    evals = [r for r in log if r["kind"] == "eval"]
+    ends = [r["step"] for r in log if r["kind"] == "epoch"]
+    panels = [("loss", "loss"), ("lr", "learning rate"), ("img_s", "images / s"), ("classes", "classes used by head 0"),
+              ("balance", "balance of head 0 (1: classes equal)")]
+    panels = [(k, t) for k, t in panels if any(k in r for r in steps)]
+    scores = [k for k in ("nmi", "ami", "ari", "acc") if any(k in r for r in evals)]
+    n = len(panels) + bool(scores)
+    cols = min(3, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.6 * cols, 2.8 * -(-n // cols)), squeeze=False)
+    axes = list(axes.flat)
+    for ax, (k, title) in zip(axes, panels):
+        pts = [(r["step"], r[k]) for r in steps if k in r]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, ms=3, label="training batches")
+        if k in ("classes", "balance") and evals:
+            ax.plot([r["step"] for r in evals], [r[k] for r in evals], "o", ms=4, label="evaluation split")
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=10)
+        if k == "classes":
+            ax.set_ylim(bottom=0)
+    if scores:
+        ax = axes[len(panels)]
+        for k in scores:
+            ax.plot(*zip(*[(r["step"], r[k]) for r in evals if k in r]), marker="o", ms=3, label=k.upper())
+        ax.set_title("head 0 on the evaluation split", fontsize=10)
+        ax.legend(fontsize=7)
+    stride = -(-len(ends) // 20)  # at most about 20 epoch lines
+    last = max(r["step"] for r in log)
+    for ax in axes[:n]:
+        ax.set_xlim(0, last * 1.03)
+        for s in ends[stride - 1::stride]:
+            ax.axvline(s, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("step (dotted: epoch ends)", fontsize=8)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if args.curves_only:
+    log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
+    if not os.path.isfile(log_path):
+        raise SystemExit(f"--curves_only: no {log_path}; train.py writes it from its first log step")
+    import matplotlib
+    matplotlib.use("Agg")
+    out_dir = args.out_dir or os.path.dirname(log_path)
+    os.makedirs(out_dir, exist_ok=True)
+    plot_curves(log_path, os.path.join(out_dir, "curves.png"))
+    print(f"wrote {os.path.join(out_dir, 'curves.png')}")
+    raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -247,24 +322,6 @@ def plot_confusion(y, pred, path, names=None):
     if names and len(ys) <= 40:  # beyond that the names overlap
         ax.set_yticks(range(len(ys)), [names[c] for c in ys], fontsize=7)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(log_path, path):
-    """Loss, learning rate, classes used by head 0 and, where logged, ACC, per epoch of log.jsonl. Classes used
-    near C is healthy only where the classes are of about equal size, as the uniform prior assumes."""
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        log = [json.loads(line) for line in f if line.strip()]
-    keys = [k for k in ("loss", "lr", "classes", "acc") if any(k in r for r in log)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["epoch"], r[k]) for r in log if k in r]
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_xlabel("epoch")
-        ax.set_title(k)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
