@@ -1532,7 +1532,7 @@ def test_unlabelled_folder_gives_clusters_and_pictures_not_metrics(tmp_path):
     run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0"], env={"OMP_NUM_THREADS": "1"})
     m = json.load(open(f"{out}/metrics.json"))
     assert not {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "kmeans_acc"} & set(m), m
-    # the in-training evaluation (the folder recipe's every 5th epoch and the last) has no label to score by
+    # the in-training evaluation (the folder recipe's every 10th epoch and the last) has no label to score by
     [record] = log_records(out, "eval")
     assert not {"nmi", "ami", "ari", "acc"} & set(record) and record["num_eval"] == 512
     p = np.array(m["class_sizes"]) / 512

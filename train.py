@@ -104,7 +104,7 @@ parser.add_argument("--log_every", type=int, default=None, help="steps between l
 parser.add_argument("--eval_every", type=int, default=None, help="every this many epochs and at the last, score head "
                     "0 on the evaluation split (center crops, eval mode) into OUT/log.jsonl: NMI, AMI, ARI and ACC "
                     "where there are labels, classes used and balance always. The labels are read for this record "
-                    "alone, never for training or for choosing anything. 0 = off; default 5 on folder, else 1")
+                    "alone, never for training or for choosing anything. 0 = off; default 10 on folder, else 1")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--ckpt_minutes", type=float, default=0, help="also checkpoint within an epoch every this many "
                     "minutes (0 = only at epoch ends); a resume continues from that step")
@@ -151,7 +151,7 @@ RECIPES = {
     # "your own folder"); on GPUs scale by flags, e.g. --arch resnet18 --size 128 --n_local 4 --epochs 200
     "folder": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                    queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
-                   weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5, eval_every=5),
+                   weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5, eval_every=10),
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
                       queue_len=0, n_local=0, epochs=6, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
