@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "memory", "loss", "stop"],
-                    help="parts to run: step data eval memory loss stop")
+parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "watch", "memory", "loss", "stop"],
+                    help="parts to run: step data eval watch memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
 args, _ = parser.parse_known_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,6 +172,49 @@ def bench_eval():
     row("eval: metrics.py NMI+AMI+ARI+ACC, 50k samples, 1000 classes", t_ours * 1000, "ms")
     row("eval: scikit-learn NMI+AMI+ARI, same labels", t_sk * 1000, "ms")
     row("eval: scikit-learn time / ours", t_sk / t_ours, "x")
+
+
+def bench_watch():
+    """train.py --eval_every 1 on the Fashion-MNIST recipe: a scoring pass over the 10,000 test images (what
+    score_head0 does) against the 234 training steps of an epoch, both in this process. The steps run on
+    stored crops, without the data loading that a real epoch overlaps with them."""
+    import data
+    import loss
+    from model import build_model
+    if not os.path.exists(os.path.join(data.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+        print("watch: Fashion-MNIST files not found (apt-get install dataset-fashion-mnist); skipping")
+        return
+    recipe = subprocess.run([sys.executable, "train.py", "--dataset", "fashion_mnist", "--dry_run"], cwd=HERE,
+                            capture_output=True, text=True, check=True).stdout
+    recipe = json.loads(recipe)  # the recipe's settings, as train.py fills them in
+    torch.manual_seed(0)
+    model = build_model(recipe).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train_set = data.build_dataset("fashion_mnist", data.FASHION_MNIST_DIR, "train",
+                                   data.train_transform("fashion_mnist", 0, scale=recipe["crop_scale"]))
+    crops = [torch.stack(v).contiguous(memory_format=torch.channels_last)
+             for v in zip(*[train_set[i][0] for i in range(recipe["batch_size"])])]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss.self_classifier_loss(model(crops)[1]).backward()
+        opt.step()
+
+    eval_set = data.build_dataset("fashion_mnist", data.FASHION_MNIST_DIR, "eval", data.eval_transform("fashion_mnist"))
+    loader = torch.utils.data.DataLoader(eval_set, batch_size=256, num_workers=recipe["workers"])
+
+    @torch.no_grad()
+    def score():
+        model.eval()
+        for x, _, _ in loader:
+            model.predict(x.contiguous(memory_format=torch.channels_last), heads=[0])[1][0].argmax(1)
+        model.train()
+
+    steps = len(train_set) // recipe["batch_size"]
+    t_step, t_score = median_time(step, 10), median_time(score, 3)
+    row("watch: Fashion-MNIST recipe, one training step", t_step * 1000, "ms", f"x {steps} steps an epoch")
+    row("watch: scoring head 0 on the 10,000 test images", t_score, "s", "(--eval_every 1)")
+    row("watch: scoring / an epoch of steps", 100 * t_score / (steps * t_step), "%")
 
 
 # -----------------------------------------------------------------------------
@@ -340,5 +383,5 @@ if __name__ == "__main__":
         sys.exit()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     for part in args.only:
-        {"step": bench_step, "data": bench_data, "eval": bench_eval, "memory": bench_memory, "loss": bench_loss,
-         "stop": bench_stop}[part]()
+        {"step": bench_step, "data": bench_data, "eval": bench_eval, "watch": bench_watch, "memory": bench_memory,
+         "loss": bench_loss, "stop": bench_stop}[part]()
