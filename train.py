@@ -414,7 +414,7 @@ log_path = os.path.join(args.out_dir, "log.jsonl")
 
 
 def log_record(**record):
-    # one JSON line per log step, epoch and evaluation, from rank 0; a line is written whole or not at all
+    # one JSON line per log step, epoch end and evaluation, from rank 0 (a line cut by a kill goes at the resume)
     if master:
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -497,12 +497,13 @@ if master:
     if os.path.exists(log_path):
         # records after the checkpoint's step are of steps this run does again: keep each step once
         keep = []
-        for line in open(log_path):
-            try:
-                if json.loads(line)["step"] <= start_step:
-                    keep.append(line)
-            except (ValueError, KeyError):  # a line cut short by a kill
-                pass
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    pass
         with open(log_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log_path + ".tmp", log_path)
