@@ -254,19 +254,29 @@ if max(args.cls_sizes) > len(dataset):
 if len(dataset) < args.batch_size:
     raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
                      f"of {args.batch_size}; lower --batch_size")
-# --eval_every: the evaluation split as evaluate.py reads it, checked now rather than at the first epoch's end
+
+
+def center_crop_set(split):
+    """A split as evaluate.py reads it, for scoring and SeLa's relabelling: center crops; a folder's pictures
+    decoded no larger than the crop needs."""
+    tf = data.eval_transform(args.dataset, args.size, args.mean, args.std)
+    ds = data.build_dataset(args.dataset, args.data_dir, split, tf, holdout=args.holdout, channels=args.in_chans)
+    if args.dataset == "folder":
+        ds.draft_side = args.size
+    return ds
+
+
+# --eval_every: the evaluation split, checked now rather than at the first epoch's end
 eval_set, labelled, n_true = None, False, 1  # n_true: rows of the (true class x class) table; 1 without labels
 if args.eval_every:
     try:
-        eval_set = data.build_dataset(args.dataset, args.data_dir, "eval", data.eval_transform(
-            args.dataset, args.size, args.mean, args.std), holdout=args.holdout, channels=args.in_chans)
+        eval_set = center_crop_set("eval")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--eval_every {args.eval_every}: {e}\n(--eval_every 0 trains without scoring)") from None
     labelled = args.dataset != "folder" or bool(eval_set.classes)
     if labelled:
         n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
     if args.dataset == "folder":
-        eval_set.draft_side = args.size
         bad = [f for f, _ in eval_set.scan()[0]] if eval_set.root != dataset.root else skipped
         if bad and not args.skip_unreadable:
             raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0]}; remove or "
@@ -308,13 +318,9 @@ queue = NNQueue(args.queue_len, model.mlp.out_dim).to(device) if args.queue_len 
 # (the same on every process: the generator is seeded), then Sinkhorn-Knopp at scheduled steps
 pseudo_labels, relabel_steps = None, set()
 if args.method == "sela":
-    # the relabelling pass sees each training image once, as a center crop
-    label_tf = data.eval_transform(args.dataset, args.size, args.mean, args.std)
-    label_set = data.build_dataset(args.dataset, args.data_dir, "train", label_tf, holdout=args.holdout,
-                                   channels=args.in_chans)
+    label_set = center_crop_set("train")  # the relabelling pass sees each training image once, as a center crop
     if args.dataset == "folder":
         label_set.drop(skipped)
-        label_set.draft_side = args.size
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     n_relabel = args.sela_relabels or args.epochs
