@@ -79,9 +79,12 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, log_prior
     logits: list over heads of lists over views of [B, C] tensors; views 0 and 1 are the global crops.
     Every ordered pair of views (i -> j), i != j, except local -> local, contributes
     -(1/N) sum_n <Q^i_n, log P^j_n>; the result is the mean over pairs and heads. No stop-gradient.
-    log_prior: list over heads of [C] tensors, log p(y) in the prediction's Bayes rule
-    log P = log(N p(y) p(y|x) / sum_n p(y|x_n)); None is the paper's uniform prior, p(y) = 1/C.
+    log_prior: list over heads of [C] tensors of log-probabilities, log p(y), in the prediction's Bayes rule
+    log P = log(N p(y) p(y|x) / sum_n p(y|x_n)); None is the paper's uniform prior, p(y) = 1/C. The target
+    keeps its uniform-prior normalisation either way (see the comment on Qv below).
     """
+    if log_prior is not None:
+        _check_log_prior(log_prior, [views[0].shape[1] for views in logits])
     # Each view is processed on its own [B, C] tensors: stacking the views into one [V, B, C] tensor
     # is slower on a CPU, as every elementwise pass then leaves the cache. Dividing a [B, C] tensor by
     # a vector is written as a multiplication by the vector's reciprocal, which is cheaper both ways.
@@ -107,8 +110,9 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, log_prior
         for h, views in enumerate(logits):
             V = len(views)
             C = views[0].shape[1]
-            # The target's rows are normalised to sum to 1, which also assumes a uniform prior: with a prior
-            # p(y), Bayes' rule would weight each column of Q by p(y) before that normalisation.
+            # The target's rows are normalised to sum to 1: Bayes' rule with a uniform prior, whatever log_prior
+            # says, so the target still asks for classes of equal size. A target with the prior p(y) would weight
+            # each column of Q by p(y) before this normalisation.
             Qv = [q * (1 / q.sum(dim=1, keepdim=True).clamp_min(eps)) for q in Q[k:k + V]]
             prior_n = (N / C) if log_prior is None else N * log_prior[h].float().exp()  # N p(y): scalar or (C,)
             logP = [torch.log(p * (prior_n / s.clamp_min(eps)) + eps) for p, s in zip(P[k:k + V], col_sums[k:k + V])]
@@ -121,6 +125,20 @@ def self_classifier_loss(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, log_prior
                 total = total - (target * log_p).sum() / views[0].shape[0]
             n_terms += V * (V - 1) - (V - 2) * (V - 3)
         return total / n_terms
+
+
+def _check_log_prior(log_prior, cls_sizes):
+    # probabilities passed for log-probabilities, or a head's prior in another head's place, would train
+    # silently on another objective: refuse them by name
+    if len(log_prior) != len(cls_sizes):
+        raise ValueError(f"log_prior: {len(log_prior)} tensors for {len(cls_sizes)} heads (one [C] tensor per head)")
+    for h, (lp, C) in enumerate(zip(log_prior, cls_sizes)):
+        if tuple(lp.shape) != (C,):
+            raise ValueError(f"log_prior[{h}]: shape {tuple(lp.shape)}, head {h} has {C} classes")
+        mass = lp.detach().double().exp().sum().item()  # a host sync per step, only when a prior is given
+        if not abs(mass - 1) < 1e-4:
+            raise ValueError(f"log_prior[{h}]: exp() sums to {mass:.6g}, not 1; pass log-probabilities, "
+                             f"e.g. torch.log(prior) of a prior summing to 1")
 
 
 def view_cross_entropy(logits, tau=0.1):

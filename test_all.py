@@ -39,16 +39,17 @@ def run(cmd, timeout=600, env=None):
 
 def side_by_side(*cmds, timeout=600, env=None, ok=True):
     """Start the commands at once from the repository folder and wait for all. Each must succeed (ok) or
-    fail (ok=False); their standard outputs if ok, else standard output and error together."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    fail (ok=False; or one bool per command); their standard outputs if ok, else standard output and error."""
+    # one compute thread each: the runs here are small, and two side by side share the 2 cores without waiting
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for c in cmds]
     outs = []
     try:
-        for cmd, p in zip(cmds, procs):
+        for cmd, p, good in zip(cmds, procs, [ok] * len(cmds) if isinstance(ok, bool) else ok):
             out, err = p.communicate(timeout=timeout)
-            assert (p.returncode == 0) == ok, f"{' '.join(cmd)} exit {p.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
-            outs.append(out if ok else out + err)
+            assert (p.returncode == 0) == good, f"{' '.join(cmd)} exit {p.returncode}:\n{out[-3000:]}\n{err[-3000:]}"
+            outs.append(out if good else out + err)
     finally:  # a timeout or a failed check leaves no command running
         for p in procs:
             if p.poll() is None:
@@ -65,7 +66,7 @@ def torchrun(*args, nproc=2):
 # Self-Classifier loss against the formula, written independently: one pair at a time, float64
 
 
-def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, prior=None):
+def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, log_prior=None):
     terms = []
     for h, views in enumerate(logits):
         for i, j in itertools.permutations(range(len(views)), 2):
@@ -76,7 +77,7 @@ def reference_self_classifier(logits, row_tau=0.1, col_tau=0.05, eps=1e-12, prio
             q = q / torch.maximum(q.sum(dim=1, keepdim=True), torch.tensor(eps, dtype=q.dtype))
             p = torch.softmax(views[j] / row_tau, dim=1)
             p = p / torch.maximum(p.sum(dim=0, keepdim=True), torch.tensor(eps, dtype=p.dtype))
-            p_y = 1 / C if prior is None else prior[h]  # p(y), uniform unless given
+            p_y = 1 / C if log_prior is None else log_prior[h].exp()  # p(y), uniform unless given, as loss.py takes it
             log_p = torch.log(N * p_y * p + eps)
             terms.append(-(q * log_p).sum() / N)
     return torch.stack(terms).mean()
@@ -147,11 +148,17 @@ def test_self_classifier_prior_argument():
     assert loss.self_classifier_loss(logits, log_prior=uniform).item() == pytest.approx(
         loss.self_classifier_loss(logits).item(), rel=1e-6)
     g = torch.Generator().manual_seed(1)
-    prior = [torch.softmax(torch.randn(c, generator=g, dtype=torch.float64), 0) for c in (7, 13)]
-    ours = loss.self_classifier_loss(logits, log_prior=[p.log() for p in prior])
-    ref = reference_self_classifier([[z.double() for z in views] for views in logits], prior=prior)
+    log_prior = [torch.log_softmax(torch.randn(c, generator=g, dtype=torch.float64), 0) for c in (7, 13)]
+    ours = loss.self_classifier_loss(logits, log_prior=log_prior)
+    ref = reference_self_classifier([[z.double() for z in views] for views in logits], log_prior=log_prior)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert abs(ours.item() - loss.self_classifier_loss(logits).item()) > 1e-3  # the prior changes the loss
+    # the easy mistakes are refused by name: probabilities for log-probabilities, a prior per head that is not
+    for wrong, message in (([p.exp() for p in log_prior], r"log_prior\[0\]: exp\(\) sums to .*pass log-probabilities"),
+                           (log_prior[::-1], r"log_prior\[0\]: shape \(13,\), head 0 has 7 classes"),
+                           (log_prior[:1], "log_prior: 1 tensors for 2 heads")):
+        with pytest.raises(ValueError, match=message):
+            loss.self_classifier_loss(logits, log_prior=wrong)
 
 
 def test_view_cross_entropy_is_plain_and_collapses_at_zero():
@@ -861,7 +868,64 @@ def test_ddp_gradients_equal_single_process(two_processes, method):
 
 
 # -----------------------------------------------------------------------------
-# end to end: the real command lines
+# the real command lines, small: two steps of each method through train.py, evaluate.py on the result
+
+# small runs load data in the training process: a worker process would cost more to start than it saves
+SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--workers", "0", "--batch_size", "256")
+# 512 of the synthetic training images (--holdout keeps the other 4,488 out, and scores on them): 2 steps
+TINY_RUN = (*SMALL_RUN, "--holdout", "4488", "--epochs", "1", "--log_every", "1")
+METHODS = ("self_classifier", "twist", "sela")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two steps of each method side by side, one compute thread each, with --keep_every 1; then the whole of
+    evaluate.py on Self-Classifier's checkpoint. {method: (log, out_dir)} and that metrics.json."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    logs = side_by_side(*[[PY, "train.py", *TINY_RUN, "--method", m, "--keep_every", "1", "--out_dir", str(root / m)]
+                          for m in METHODS], env={"OMP_NUM_THREADS": "1"})
+    out = str(root / "self_classifier")
+    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0", "--linear_epochs", "10"])
+    return {m: (log, str(root / m)) for m, log in zip(METHODS, logs)}, json.load(open(f"{out}/metrics.json"))
+
+
+def test_objective_of_each_method_trains_through_train_py(tiny_runs):
+    runs, _ = tiny_runs
+    for method, (log, out) in runs.items():
+        assert f"{method} on synthetic: 512 images, 2 steps/epoch" in log and "step 2/2" in log, log
+        ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+        assert (ckpt["step"], ckpt["epoch"], ckpt["args"]["method"]) == (2, 1, method)
+        # one record per printed log line, holding what the line says; the epoch end scored on the held-out images
+        steps = log_records(out, "step")
+        assert [r["step"] for r in steps] == [1, 2] and [as_printed(r) for r in steps] == printed_steps(log)
+        assert all(math.isfinite(r["loss"]) and 0 < r["balance"] <= 1 for r in steps)
+        assert [(r["epoch"], r["step"], r["num_eval"]) for r in log_records(out, "eval")] == [(1, 2, 4488)]
+    assert "relabelled: Sinkhorn-Knopp iterations per head [" in runs["sela"][0]
+    assert (torch.load(f"{runs['sela'][1]}/ckpt.pt", weights_only=True)["pseudo_labels"] >= 0).all()
+
+
+def test_evaluate_writes_every_metric_and_figure(tiny_runs):
+    runs, m = tiny_runs
+    out = runs["self_classifier"][1]
+    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "linear_top1_fast"}
+    expected |= {f"knn_top1_k{k}" for k in (10, 20, 100, 200)}  # the authors' kNN protocol, at temperature 0.1
+    expected |= {f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")}
+    assert expected <= set(m) and all(0 <= m[k] <= 1 for k in expected - {"ari"})
+    saved = np.load(f"{out}/predictions.npz")  # metrics.json holds what metrics.py says of the predictions
+    assert len(saved["pred"]) == m["num_eval"] == 4488
+    assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
+    assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
+    assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
+    # train.py's in-training score of the last epoch is evaluate.py's on the same checkpoint
+    same_eval_scores(log_records(out, "eval")[-1], m)
+    import matplotlib.image
+    for name in ("examples", "confusion", "curves"):
+        img = matplotlib.image.imread(f"{out}/{name}.png")
+        assert img.ndim == 3 and min(img.shape[:2]) > 100 and img.std() > 0.01  # a real picture, not blank
+
+
+# -----------------------------------------------------------------------------
+# end to end: the real command lines at the recipes' scale (SLOW=1)
 
 
 def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=()):
@@ -929,6 +993,7 @@ def same_eval_scores(record, m):
 # On the synthetic set head 0 of Self-Classifier may merge two classes and split a third, and which runs
 # do is chaotic (it changes with the thread count): the tests assert what held in every measured run
 # (docs/experiments.md, "the synthetic set, seed by seed" and "why head 0 merges classes").
+@slow
 def test_synthetic_defaults_one_process(synthetic_run):
     log, m, out = synthetic_run
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
@@ -947,9 +1012,9 @@ def test_synthetic_defaults_one_process(synthetic_run):
     same_eval_scores(evals[-1], m)
 
 
-def test_curves_only_needs_no_data_or_checkpoint(synthetic_run, tmp_path):
+def test_curves_only_needs_no_data_or_checkpoint(tiny_runs, tmp_path):
     import matplotlib.image
-    _, _, out = synthetic_run
+    out = tiny_runs[0]["self_classifier"][1]
     log = open(f"{out}/log.jsonl").read()
     older = "".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n" for r in log_records(out, "epoch"))
     for name, text in (("running", log + '{"kind": "step", "st'), ("older", older)):  # cut mid-line; epochs only
@@ -965,6 +1030,7 @@ def test_curves_only_needs_no_data_or_checkpoint(synthetic_run, tmp_path):
     assert p.returncode != 0 and f"no {tmp_path / 'none' / 'log.jsonl'}" in p.stderr
 
 
+@slow
 def test_synthetic_defaults_two_processes(tmp_path):
     log, m, out = train_and_evaluate(tmp_path, "--dataset", "synthetic", launcher=torchrun(nproc=2),
                                      eval_args=("--no_linear", "--no_kmeans", "--no_figures"))
@@ -978,6 +1044,7 @@ def test_synthetic_defaults_two_processes(tmp_path):
 # A one-epoch run swings with rounding and the recipe, so the margin is what every measured run cleared
 # (docs/experiments.md, "Fashion-MNIST: the headline runs"). On 10,000 test images the standard error of
 # ACC is about 0.005; 0.03 is six of them.
+@slow
 def test_short_fashion_mnist_training_beats_kmeans_on_pixels(long_runs):
     if "fashion_mnist" not in long_runs:
         pytest.skip("apt-get install dataset-fashion-mnist")
@@ -986,23 +1053,12 @@ def test_short_fashion_mnist_training_beats_kmeans_on_pixels(long_runs):
     assert m["acc"] >= m["kmeans_pixels_acc"] + 0.03 and m["nmi"] >= m["kmeans_pixels_nmi"] + 0.03, m
 
 
-def test_evaluate_writes_every_metric_and_figure_one_or_two_processes(synthetic_run, tmp_path):
+@slow
+def test_evaluate_trained_scores_and_two_processes(synthetic_run, tmp_path):
     _, m, out = synthetic_run
-    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "linear_top1_fast"}
-    expected |= {f"knn_top1_k{k}" for k in (10, 20, 100, 200)}  # the authors' kNN protocol, at temperature 0.1
-    expected |= {f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")}
-    assert expected <= set(m) and all(0 <= m[k] <= 1 for k in expected - {"ari"})
-    saved = np.load(f"{out}/predictions.npz")  # metrics.json holds what metrics.py says of the predictions
-    assert len(saved["pred"]) == m["num_eval"] == 1000
-    assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
+    assert m["num_eval"] == 1000
     assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5  # ten distinct shapes: far above chance (0.1)
-    assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
-    assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
     assert m["kmeans_pixels_acc"] < m["acc"]
-    import matplotlib.image
-    for name in ("examples", "confusion", "curves"):
-        img = matplotlib.image.imread(f"{out}/{name}.png")
-        assert img.ndim == 3 and min(img.shape[:2]) > 100 and img.std() > 0.01  # a real picture, not blank
     # under torchrun each process extracts half of the features; the gathered result is the same
     run(torchrun("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--out_dir", str(tmp_path / "ddp"), "--no_linear",
                  "--no_figures"))
@@ -1032,6 +1088,7 @@ def make_jpeg_folder(root, classes=3, train_per_class=12, val_per_class=4, seed=
     return root
 
 
+@slow
 def test_imagenet_path_end_to_end_torchrun(tmp_path):
     root = make_jpeg_folder(str(tmp_path / "imagenet"))
     log, m, out = train_and_evaluate(
@@ -1099,7 +1156,8 @@ def test_sync_bn_groups_are_consecutive_ranks():
             sync_bn_groups(world, size)
 
 
-def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path, monkeypatch, capsys):
+@slow
+def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path):
     # the imagenet recipe's 262,144-sample queue is Self-Classifier's: TWIST and SeLa train without one,
     # and refuse one asked for by name
     root = make_jpeg_folder(str(tmp_path / "imagenet"))
@@ -1111,27 +1169,23 @@ def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path, monkeypatch
         ckpt = torch.load(tmp_path / m / "ckpt.pt", weights_only=True)
         assert ckpt["queue"] is None and ckpt["args"]["queue_len"] == 0, m
     assert "relabelled: Sinkhorn-Knopp iterations per head [" in logs[1]
-    err = dry_run(monkeypatch, capsys, *flags, "--method", "twist", "--queue_len", "12")
+
+
+def test_bad_flags_are_refused_before_anything_runs(monkeypatch, capsys):
+    assert "--crop_scale 0.8 0.3: need 0 < LO <= HI <= 1" in dry_run(monkeypatch, capsys, "--crop_scale", "0.8", "0.3")
+
+
+def test_twist_and_sela_refuse_a_queue(monkeypatch, capsys):
+    err = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist", "--queue_len", "12")
     assert "--queue_len 12: the nearest-neighbour queue is Self-Classifier's; twist never uses one" in err
     assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")["queue_len"] == 0
 
 
-# small runs load data in the training process: a worker process would cost more to start than it saves
-SMALL_RUN = ("--dataset", "synthetic", "--width", "8", "--workers", "0", "--batch_size", "256")
-
-
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory):
-    """One epoch of a small synthetic run with --keep_every 1, trained once; tests get their own copy."""
-    out = str(tmp_path_factory.mktemp("one_epoch") / "run")
-    log = run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--log_every", "2", "--keep_every", "1", "--out_dir", out])
-    return log, out
-
-
-def copy_of(one_epoch, tmp_path):
+def copy_of(tiny_runs, tmp_path, method="self_classifier", name="run"):
+    """A copy of a tiny run's folder, for a test to resume or break; and its checkpoint's bytes."""
     import shutil
-    out = str(tmp_path / "run")
-    shutil.copytree(one_epoch[1], out)
+    out = str(tmp_path / name)
+    shutil.copytree(tiny_runs[0][method][1], out)
     before = open(f"{out}/ckpt.pt", "rb").read()
     assert open(f"{out}/ckpt_ep1.pt", "rb").read() == before  # --keep_every: a copy of epoch 1
     return out, before
@@ -1147,6 +1201,7 @@ def same_records(straight, resumed):
         assert a == b, kind
 
 
+@slow
 @pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     import signal
@@ -1190,45 +1245,63 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
         assert (a["queue"]["index"] >= 0).all() and torch.equal(a["queue"]["feats"], b["queue"]["feats"])
 
 
-def test_resume_with_other_settings_is_refused(one_epoch, tmp_path):
-    out, before = copy_of(one_epoch, tmp_path)
-    p = subprocess.run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--out_dir", out, "--cls_sizes", "10", "30",
-                        "--arch", "resnet18", "--crop_scale", "0.2", "1", "--row_tau", "0.2", "--no_prior"],
-                       cwd=HERE, capture_output=True, text=True)
-    assert p.returncode != 0
-    assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in p.stderr and "arch: checkpoint 'cnn', now 'resnet18'" in p.stderr
-    assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in p.stderr
-    assert "row_tau: checkpoint 0.1, now 0.2" in p.stderr and "no_prior: checkpoint False, now True" in p.stderr
-    assert open(f"{out}/ckpt.pt", "rb").read() == before
+def test_resume_with_other_settings_is_refused(tiny_runs, tmp_path):
+    out, before = copy_of(tiny_runs, tmp_path)
     # a checkpoint from before --precision existed trained in fp32 on a CPU: it resumes, never refused for it
-    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    older, _ = copy_of(tiny_runs, tmp_path, name="older")
+    ckpt = torch.load(f"{older}/ckpt.pt", weights_only=True)
     del ckpt["args"]["precision"]
-    torch.save(ckpt, f"{out}/ckpt.pt")
-    p = subprocess.run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--out_dir", out, "--arch", "resnet18"], cwd=HERE,
-                       capture_output=True, text=True)
-    assert p.returncode != 0 and "arch: checkpoint 'cnn'" in p.stderr and "precision" not in p.stderr
+    torch.save(ckpt, f"{older}/ckpt.pt")
+    err, err_older = fails([PY, "train.py", *TINY_RUN, "--out_dir", out, "--cls_sizes", "10", "30", "--arch", "resnet18",
+                            "--crop_scale", "0.2", "1", "--row_tau", "0.2", "--no_prior"],
+                           [PY, "train.py", *TINY_RUN, "--out_dir", older, "--arch", "resnet18"])
+    assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in err and "arch: checkpoint 'cnn', now 'resnet18'" in err
+    assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in err
+    assert "row_tau: checkpoint 0.1, now 0.2" in err and "no_prior: checkpoint False, now True" in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+    assert "arch: checkpoint 'cnn'" in err_older and "precision" not in err_older
 
 
-def test_older_checkpoint_without_new_settings_resumes(one_epoch, tmp_path):
+def test_older_checkpoint_without_new_settings_resumes(tiny_runs, tmp_path):
     # a checkpoint written before a setting existed is compared with that flag's default
-    out, _ = copy_of(one_epoch, tmp_path)
-    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
-    for k in ("no_prior", "col_tau"):
-        del ckpt["args"][k]
-    torch.save(ckpt, f"{out}/ckpt.pt")
-    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--col_tau", "0.1", "--out_dir", out])
-    assert "col_tau: checkpoint 0.05, now 0.1" in err
-    log = run([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--log_every", "100", "--out_dir", out])
-    assert "resumed from" in log and torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 2
+    outs = [copy_of(tiny_runs, tmp_path, name=name)[0] for name in ("refused", "resumed")]
+    for out in outs:
+        ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+        for k in ("no_prior", "col_tau"):
+            del ckpt["args"][k]
+        torch.save(ckpt, f"{out}/ckpt.pt")
+    err, log = side_by_side([PY, "train.py", *TINY_RUN, "--epochs", "2", "--col_tau", "0.1", "--out_dir", outs[0]],
+                            [PY, "train.py", *TINY_RUN, "--epochs", "2", "--out_dir", outs[1]], ok=[False, True])
+    assert "col_tau: checkpoint 0.05, now 0.1" in err and "resumed from" in log
+    assert torch.load(f"{outs[1]}/ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_path):
+    # changing the objective as the README says: a flag added to train.py's objective group, with no list to
+    # edit. A resume with another value of it is refused; a checkpoint older than the flag resumes at its default.
+    out, before = copy_of(tiny_runs, tmp_path)
+    source = open(os.path.join(HERE, "train.py")).read()
+    anchor = "# augmentation\n"
+    assert source.count(anchor) == 1 and source.index("objective = parser.add_argument_group") < source.index(anchor)
+    changed = tmp_path / "train.py"
+    changed.write_text(source.replace(anchor, 'objective.add_argument("--class0_mass", type=float, default=1.0)\n'
+                                              + anchor))
+    older, _ = copy_of(tiny_runs, tmp_path, name="older")
+    err, log = side_by_side([PY, str(changed), *TINY_RUN, "--class0_mass", "3", "--out_dir", out],
+                            [PY, str(changed), *TINY_RUN, "--epochs", "2", "--out_dir", older],
+                            env={"PYTHONPATH": HERE}, ok=[False, True])
+    assert "class0_mass: checkpoint 1.0, now 3.0" in err and "Traceback" not in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+    assert "resumed from" in log and json.load(open(f"{older}/args.json"))["class0_mass"] == 1.0
 
 
 # -----------------------------------------------------------------------------
 # failures: each case through the real command line
 
 
-def fails(*cmds, timeout=300):
+def fails(*cmds, timeout=300, env=None):
     """Run commands side by side (most of a failing launch is its imports); each must fail. Their outputs."""
-    return side_by_side(*cmds, timeout=timeout, ok=False)
+    return side_by_side(*cmds, timeout=timeout, env=env, ok=False)
 
 
 def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
@@ -1237,13 +1310,11 @@ def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
                  [PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
                   str(tmp_path / "c")],
                  [PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir",
-                  str(tmp_path / "d")],
-                 [PY, "train.py", *SMALL_RUN, "--crop_scale", "0.8", "0.3", "--out_dir", str(tmp_path / "e")])
+                  str(tmp_path / "d")])
     assert "--batch_size 127 (global) does not divide by 2 processes" in errs[0]
     assert "has 5000 images, fewer than one global batch of 8192" in errs[1]
     assert f"{tmp_path / 'nowhere' / 'train'}" in errs[2] and "ImageFolder layout" in errs[2]
     assert "train-images-idx3-ubyte" in errs[3] and str(tmp_path) in errs[3]
-    assert "--crop_scale 0.8 0.3: need 0 < LO <= HI <= 1" in errs[4]
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
 
 
@@ -1251,6 +1322,7 @@ CNN_FOLDER_RUN = ("--dataset", "imagenet", "--arch", "cnn", "--width", "8", "--s
                   "--batch_size", "12", "--cls_sizes", "3", "--queue_len", "0", "--workers", "1", "--mlp_hidden", "32")
 
 
+@slow
 def test_corrupt_image_is_named_and_last_checkpoint_kept(tmp_path):
     root = make_jpeg_folder(str(tmp_path / "imagenet"))
     out = str(tmp_path / "run")
@@ -1264,6 +1336,7 @@ def test_corrupt_image_is_named_and_last_checkpoint_kept(tmp_path):
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
 
+@slow
 def test_one_failing_process_stops_the_job(tmp_path):
     import time
     root = make_jpeg_folder(str(tmp_path / "imagenet"))
@@ -1280,34 +1353,37 @@ def test_one_failing_process_stops_the_job(tmp_path):
     assert f"cannot read image {files[first]}" in err
 
 
-def test_crash_during_save_keeps_the_last_checkpoint(one_epoch, tmp_path):
-    out, before = copy_of(one_epoch, tmp_path)
+def test_crash_during_save_keeps_the_last_checkpoint(tiny_runs, tmp_path):
+    out, before = copy_of(tiny_runs, tmp_path)
     os.mkdir(f"{out}/ckpt.pt.tmp")  # the next save cannot write its temporary file: it crashes mid-save
-    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
+    [err] = fails([PY, "train.py", *TINY_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
     assert "ckpt.pt.tmp" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 1
 
 
-def test_nan_loss_stops_without_saving(one_epoch, tmp_path):
-    out, before = copy_of(one_epoch, tmp_path)
-    [err] = fails([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--lr", "1e30", "--log_every", "5", "--out_dir", out])
+def test_nan_loss_stops_without_saving(tiny_runs, tmp_path):
+    out, before = copy_of(tiny_runs, tmp_path)
+    [err] = fails([PY, "train.py", *TINY_RUN, "--epochs", "3", "--lr", "1e30", "--out_dir", out])
     assert "loss is nan" in err and "keeps the last good state" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
 
-def test_collapse_without_the_prior_is_reported(one_epoch, tmp_path):
+@slow
+def test_collapse_without_the_prior_is_reported(tmp_path):
     # README, "Learn by breaking it": plain cross-entropy between the views (--no_prior) puts every image in
-    # one class within a few steps; the log says so and head 0 scores chance
+    # one class within a few steps; the log says so and head 0 scores chance. The same run with the prior does not.
+    flags = [*SMALL_RUN, "--epochs", "1", "--log_every", "2"]
     out = str(tmp_path / "run")
-    log = run([PY, "train.py", *SMALL_RUN, "--epochs", "1", "--no_prior", "--log_every", "2", "--out_dir", out])
+    log, healthy = side_by_side([PY, "train.py", *flags, "--no_prior", "--out_dir", out],
+                                [PY, "train.py", *flags, "--out_dir", str(tmp_path / "prior")],
+                                env={"OMP_NUM_THREADS": "1"})
     assert "classes 1/10" in log
     assert "COLLAPSE? head 0 predicts only 1 of 10 classes" in log and "below 50% for 5 log steps in a row" in log
     run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--no_knn", "--no_linear", "--no_kmeans", "--no_figures"])
     m = json.load(open(f"{out}/metrics.json"))
     assert len(np.unique(np.load(f"{out}/predictions.npz")["pred"])) == 1
     assert m["acc"] == pytest.approx(0.1) and m["nmi"] == pytest.approx(0.0, abs=1e-9)  # 10 equal classes
-    healthy = one_epoch[0]  # the same run with the prior
     assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
 
 
@@ -1344,6 +1420,7 @@ def torchrun_worker(launcher_pid, rank):
     raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
 
 
+@slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, nproc):
     import re
@@ -1500,6 +1577,7 @@ FOLDER_SHORT = ("--width", "8", "--mlp_hidden", "256", "--epochs", "2", "--batch
                 "--workers", "0", "--size", "28", "--local_size", "14", "--crop_scale", "0.8", "1", "--log_every", "10")
 
 
+@slow
 def test_folder_of_fashion_mnist_pngs_scores_like_the_dataset(tmp_path):
     # the same 28-px greyscale pixels reach a 1-channel network both ways, with the same flags and seed: the
     # folder (2,000 test images as PNG files) trains and is scored on itself; the dataset route trains on
@@ -1525,6 +1603,7 @@ def test_folder_of_fashion_mnist_pngs_scores_like_the_dataset(tmp_path):
     assert args["mean"] == pytest.approx([0.286], abs=0.01) and args["std"] == pytest.approx([0.353], abs=0.01)
 
 
+@slow
 def test_unlabelled_folder_gives_clusters_and_pictures_not_metrics(tmp_path):
     needs_fashion_mnist()
     root, _ = write_fashion_pngs(str(tmp_path / "pictures"), 512, by_class=False)
@@ -1556,6 +1635,7 @@ def test_unlabelled_folder_gives_clusters_and_pictures_not_metrics(tmp_path):
     assert not os.path.exists(f"{out}/confusion.png")
 
 
+@slow
 def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
     from PIL import Image
     os.makedirs(tmp_path / "empty")
@@ -1644,8 +1724,22 @@ def readme_command_errors(text, script_flags):
 
 
 def script_flags():
+    """{script: the flags its --help lists}, each script run in this process (its imports are this process's)."""
+    import contextlib
+    import io
     import re
-    return {s: set(re.findall(r"(--[a-z_]+)", run([PY, s, "--help"]))) for s in ("train.py", "evaluate.py", "bench.py")}
+    import runpy
+    flags = {}
+    for script in ("train.py", "evaluate.py", "bench.py"):
+        out, argv = io.StringIO(), sys.argv
+        sys.argv = [script, "--help"]
+        try:
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        finally:
+            sys.argv = argv
+        flags[script] = set(re.findall(r"(--[a-z_]+)", out.getvalue()))
+    return flags
 
 
 def test_readme_commands_name_real_scripts_and_flags():
@@ -1693,6 +1787,7 @@ def test_readme_quotes_are_in_the_code():
     assert readme_quote_errors(broken) == ["loss.py: logP = torch.log(N / C * p + eps)"]
 
 
+@slow
 def test_readme_multinode_command_runs_on_two_launchers(tmp_path):
     # the README's several-node command as written, with node 0 at 127.0.0.1, one process per node instead
     # of 8, and flags appended for a short synthetic run (argparse keeps the last value)
