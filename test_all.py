@@ -879,18 +879,24 @@ METHODS = ("self_classifier", "twist", "sela")
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Two steps of each method side by side, one compute thread each, with --keep_every 1; then the whole of
-    evaluate.py on Self-Classifier's checkpoint. {method: (log, out_dir)} and that metrics.json."""
+    """Two steps of each method side by side, with --keep_every 1. {method: (log, out_dir)}"""
     root = tmp_path_factory.mktemp("tiny_runs")
     logs = side_by_side(*[[PY, "train.py", *TINY_RUN, "--method", m, "--keep_every", "1", "--out_dir", str(root / m)]
-                          for m in METHODS], env={"OMP_NUM_THREADS": "1"})
-    out = str(root / "self_classifier")
-    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0", "--linear_epochs", "10"])
-    return {m: (log, str(root / m)) for m, log in zip(METHODS, logs)}, json.load(open(f"{out}/metrics.json"))
+                          for m in METHODS])
+    return {m: (log, str(root / m)) for m, log in zip(METHODS, logs)}
+
+
+@pytest.fixture(scope="module")
+def tiny_metrics(tiny_runs, tmp_path_factory):
+    """The whole of evaluate.py on the tiny Self-Classifier checkpoint, into its own folder: (metrics.json, folder)."""
+    out = str(tmp_path_factory.mktemp("tiny_metrics"))
+    run([PY, "evaluate.py", "--ckpt", f"{tiny_runs['self_classifier'][1]}/ckpt.pt", "--out_dir", out, "--workers", "0",
+         "--linear_epochs", "10"])
+    return json.load(open(f"{out}/metrics.json")), out
 
 
 def test_objective_of_each_method_trains_through_train_py(tiny_runs):
-    runs, _ = tiny_runs
+    runs = tiny_runs
     for method, (log, out) in runs.items():
         assert f"{method} on synthetic: 512 images, 2 steps/epoch" in log and "step 2/2" in log, log
         ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
@@ -904,9 +910,8 @@ def test_objective_of_each_method_trains_through_train_py(tiny_runs):
     assert (torch.load(f"{runs['sela'][1]}/ckpt.pt", weights_only=True)["pseudo_labels"] >= 0).all()
 
 
-def test_evaluate_writes_every_metric_and_figure(tiny_runs):
-    runs, m = tiny_runs
-    out = runs["self_classifier"][1]
+def test_evaluate_writes_every_metric_and_figure(tiny_runs, tiny_metrics):
+    m, out = tiny_metrics
     expected = {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "linear_top1_fast"}
     expected |= {f"knn_top1_k{k}" for k in (10, 20, 100, 200)}  # the authors' kNN protocol, at temperature 0.1
     expected |= {f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")}
@@ -917,7 +922,7 @@ def test_evaluate_writes_every_metric_and_figure(tiny_runs):
     assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
     assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
     # train.py's in-training score of the last epoch is evaluate.py's on the same checkpoint
-    same_eval_scores(log_records(out, "eval")[-1], m)
+    same_eval_scores(log_records(tiny_runs["self_classifier"][1], "eval")[-1], m)
     import matplotlib.image
     for name in ("examples", "confusion", "curves"):
         img = matplotlib.image.imread(f"{out}/{name}.png")
@@ -1014,7 +1019,7 @@ def test_synthetic_defaults_one_process(synthetic_run):
 
 def test_curves_only_needs_no_data_or_checkpoint(tiny_runs, tmp_path):
     import matplotlib.image
-    out = tiny_runs[0]["self_classifier"][1]
+    out = tiny_runs["self_classifier"][1]
     log = open(f"{out}/log.jsonl").read()
     older = "".join(json.dumps({k: v for k, v in r.items() if k != "kind"}) + "\n" for r in log_records(out, "epoch"))
     for name, text in (("running", log + '{"kind": "step", "st'), ("older", older)):  # cut mid-line; epochs only
@@ -1185,7 +1190,7 @@ def copy_of(tiny_runs, tmp_path, method="self_classifier", name="run"):
     """A copy of a tiny run's folder, for a test to resume or break; and its checkpoint's bytes."""
     import shutil
     out = str(tmp_path / name)
-    shutil.copytree(tiny_runs[0][method][1], out)
+    shutil.copytree(tiny_runs[method][1], out)
     before = open(f"{out}/ckpt.pt", "rb").read()
     assert open(f"{out}/ckpt_ep1.pt", "rb").read() == before  # --keep_every: a copy of epoch 1
     return out, before
