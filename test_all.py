@@ -1055,7 +1055,7 @@ def test_imagenet_path_end_to_end_torchrun(tmp_path):
     torch.testing.assert_close(net.eval()(x), ours.eval().backbone(x))
 
 
-# The authors' ImageNet scripts (elad-amrani/self-classifier, commit e5e3fb9): global batch = nodes (#SBATCH line 2)
+# The authors' ImageNet scripts (elad-amrani/self-classifier, commit 3935138): global batch = nodes (#SBATCH line 2)
 # x per-node batch (-b, line 23); --lr, --start-warmup and --final-lr at lines 26-28; --epochs line 25;
 # --syncbn_process_group_size line 21.
 OFFICIAL_RUNS = {
@@ -1220,6 +1220,54 @@ def test_older_checkpoint_without_new_settings_resumes(one_epoch, tmp_path):
     assert "col_tau: checkpoint 0.05, now 0.1" in err
     log = run([PY, "train.py", *SMALL_RUN, "--epochs", "2", "--log_every", "100", "--out_dir", out])
     assert "resumed from" in log and torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+# -----------------------------------------------------------------------------
+# TWIST and SeLa recipes against their authors' code (bytedance/TWIST 796d36e, yukimasano/self-label 3891e37):
+# what the shared network leaves free is set as there; docs/fidelity.md lists the rest
+
+
+def test_sela_cifar_relabels_as_its_cifar_code(monkeypatch, capsys):
+    # cifar.py:122 --nopts 400 (scripts/cifar.sh:10 too), cifar.py:186 times evenly spaced (np.linspace), the first
+    # before any step; cifar.py:121 lambda 10. Scaled to the run: 400 relabellings over whatever --epochs says.
+    for dataset, epochs in (("cifar10", 100), ("cifar100", 100), ("cifar10", 400)):
+        got = dry_run(monkeypatch, capsys, "--dataset", dataset, "--method", "sela", "--epochs", str(epochs))
+        assert (got["sela_relabels"], got["sela_schedule"], got["sela_lamb"]) == (400, "linear", 10.0)
+        assert got["sela_relabel_epochs"] == pytest.approx(np.linspace(0, epochs, 401)[:-1].tolist(), abs=1e-4)
+    # elsewhere the quadratic schedule of its ImageNet code stays, one relabelling per epoch unless asked
+    got = dry_run(monkeypatch, capsys, "--dataset", "synthetic", "--method", "sela")
+    assert got["sela_schedule"] == "quadratic" and got["sela_relabel_epochs"] == pytest.approx(
+        [6 * (i / 6) ** 2 for i in range(6)], abs=1e-4)
+    assert "sela_relabel_epochs" not in dry_run(monkeypatch, capsys, "--dataset", "cifar10")
+    assert "needs at least one relabelling" in dry_run(monkeypatch, capsys, "--method", "sela", "--sela_relabels", "0")
+
+
+def test_twist_imagenet_recipe_is_its_code(monkeypatch, capsys):
+    # train.py:100 --dim 4096 (one head); utils.py:274-275 warm-up from 0, train.py:271-272 over 10 epochs (runs
+    # over 50 epochs), utils.py:281-283 cosine to 1e-3 x lr; train.py:81,378 lr 0.5 x batch / 256; train.py:78 wd
+    # 1.5e-6. Its multi-crop run: 16 GPUs x 128 (train.py:96, README), the bs2048 recipe's batch.
+    got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist")
+    assert (got["cls_sizes"], got["start_lr"], got["warmup_epochs"], got["final_lr_ratio"]) == ([4096], 0.0, 10, 1e-3)
+    assert (got["batch_size"], got["peak_lr"], got["final_lr"]) == (2048, pytest.approx(4.0), pytest.approx(0.004))
+    assert (got["weight_decay"], got["queue_len"], got["bn_group"], got["optimizer"]) == (1.5e-6, 0, 0, "lars")
+    # the cls_sizes flag still wins: TWIST's clustering model has 1,000 classes (its --dim 1000)
+    assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist", "--cls_sizes", "1000")[
+        "cls_sizes"] == [1000]
+
+
+def test_sela_imagenet_recipe_is_its_code(monkeypatch, capsys):
+    # scripts/resnet.sh:8-9,13-14,18: 10 heads x 3,000, batch 256, 400 epochs, 100 relabellings; main.py:134-135
+    # quadratic in samples seen; main.py:180 lr 0.08, main.py:28-29,181 x 0.1 at epochs 150, 300 and 350;
+    # main.py:137 SGD, :182 wd 1e-5; data.py:58 RandomResizedCrop(224) at its default scale 0.08-1; float32
+    got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")
+    assert (got["cls_sizes"], got["batch_size"], got["epochs"]) == ([3000] * 10, 256, 400)
+    assert (got["optimizer"], got["peak_lr"], got["start_lr"], got["warmup_epochs"]) == ("sgd", 0.08, 0.08, 0)
+    assert (got["lr_drops"], got["final_lr"], got["weight_decay"]) == ([150, 300, 350], pytest.approx(8e-5), 1e-5)
+    assert (got["crop_scale"], got["n_local"], got["precision"], got["sela_lamb"]) == ([0.08, 1.0], 0, "fp32", 25.0)
+    assert (got["sela_relabels"], got["sela_schedule"]) == (100, "quadratic")
+    assert got["sela_relabel_epochs"] == pytest.approx([400 * (i / 100) ** 2 for i in range(100)], abs=1e-4)
+    assert "SeLa on imagenet follows its authors' run" in dry_run(monkeypatch, capsys, "--dataset", "imagenet",
+                                                                   "--method", "sela", "--recipe", "bs2048")
 
 
 # -----------------------------------------------------------------------------
