@@ -1642,6 +1642,92 @@ def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# the documents name this project's code by file and symbol, never by line, and the symbols exist.
+# The convention (docs/fidelity.md states it): `train.py: lr_at`, `model.py: NNQueue.lookup` or `train.py`: `lr_at`
+# names a function, class or assigned name of that file (dotted: one defined inside it, self.x included).
+# A file:line reference is the authors' code and names its repository first, inside the same backticks:
+# `TWIST train.py:188-264`, `SeLa cifar.py:186`, or a path: SC `src/train.py:430`.
+
+REFERENCE_DOCS = ("README.md", "docs/fidelity.md", "docs/experiments.md")
+REPO_TAGS = ("SC", "TWIST", "SeLa")
+
+
+def code_scopes(path):
+    """{name: (node, its scope)} of what a file defines outside any function, by an ast parse (no import);
+    a def or class's scope holds what its body defines, and a class's also the self.x it assigns."""
+    import ast
+
+    def scope(body, cls=False):
+        found, todo = {}, list(body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = scope(node.body, isinstance(node, ast.ClassDef))
+                if cls:  # a method's self.x belongs to its class
+                    found.update({n.attr: (n, {}) for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                                  and isinstance(n.ctx, ast.Store) and getattr(n.value, "id", "") == "self"})
+                found[node.name] = (node, inner)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                found.setdefault(node.id, (node, {}))
+            elif not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                todo.extend(ast.iter_child_nodes(node))
+        return found
+
+    return scope(ast.parse(open(path).read()).body)
+
+
+def doc_reference_errors(texts):
+    """What is wrong with the references to this project's code in {document name: text}: symbols a file
+    lacks, files that do not exist, and line numbers of this project's files."""
+    import re
+    project = {f for f in os.listdir(HERE) if f.endswith(".py")}
+    scopes, errors = {}, []
+
+    def official(text, start):  # a repository's name (inside the backticks or just before them) or a path
+        before = text[max(0, start - 8):start].rstrip("` \n")
+        return text[start - 1:start] == "/" or before.endswith(REPO_TAGS)
+
+    for doc, text in texts.items():
+        refs = [(m.start(1), m.group(1), m.group(2)) for m in re.finditer(r"(?<![\w.-])(\w+\.py): (\w+(?:\.\w+)*)", text)]
+        refs += [(m.start(1), m.group(1), m.group(2)) for m in re.finditer(r"`(\w+\.py)`: `(\w+(?:\.\w+)*)(?:\(\))?`", text)]
+        for start, file, symbol in refs:
+            if official(text, start):
+                continue
+            if file not in project:
+                errors.append(f"{doc}: {file}: {symbol}: no file {file} here (the authors' code names its repository)")
+                continue
+            if file not in scopes:
+                scopes[file] = code_scopes(os.path.join(HERE, file))
+            found = scopes[file]
+            for part in symbol.split("."):
+                if part not in found:
+                    errors.append(f"{doc}: {file}: {symbol}: {file} defines no {symbol}")
+                    break
+                found = found[part][1]
+        for m in re.finditer(r"(?<![\w.-])(\w+\.py):\d", text):
+            if m.group(1) in project and not official(text, m.start(1)):
+                errors.append(f"{doc}: {m.group(0)}...: a line number of this project's code (name the symbol)")
+    return errors
+
+
+def test_documents_name_symbols_that_exist():
+    import re
+    texts = {d: open(os.path.join(HERE, d)).read() for d in REFERENCE_DOCS}
+    assert doc_reference_errors(texts) == []
+    assert len(re.findall(r"`\w+\.py: \w", texts["docs/fidelity.md"])) >= 30  # the parser sees the references
+    made_up = {"a.md": "`train.py: lr_at`, `model.py: NNQueue.lookup`, `model.py: ProjectionMLP.out_dim`, "
+                       "`train.py`: `relabel()`, `TWIST train.py:188-264`, SC `src/train.py:430`, `TWIST utils.py: x`\n"
+                       "`train.py: lr_schedule`, `model.py: NNQueue.pop`, `train.py:332`, `loss.py`: `no_loss`, "
+                       "`utils.py: adjust_learning_rate`"}
+    assert doc_reference_errors(made_up) == [
+        "a.md: train.py: lr_schedule: train.py defines no lr_schedule",
+        "a.md: model.py: NNQueue.pop: model.py defines no NNQueue.pop",
+        "a.md: utils.py: adjust_learning_rate: no file utils.py here (the authors' code names its repository)",
+        "a.md: loss.py: no_loss: loss.py defines no no_loss",
+        "a.md: train.py:3...: a line number of this project's code (name the symbol)"]
+
+
+# -----------------------------------------------------------------------------
 # the README keeps its word: its commands run as written, its code quotes are in the code
 
 
