@@ -1228,8 +1228,8 @@ def test_older_checkpoint_without_new_settings_resumes(one_epoch, tmp_path):
 
 
 def test_sela_cifar_relabels_as_its_cifar_code(monkeypatch, capsys):
-    # cifar.py:122 --nopts 400 (scripts/cifar.sh:10 too), cifar.py:186 times evenly spaced (np.linspace), the first
-    # before any step; cifar.py:121 lambda 10. Scaled to the run: 400 relabellings over whatever --epochs says.
+    # SeLa cifar.py:122 --nopts 400 (scripts/cifar.sh:10 too), cifar.py:186 times evenly spaced (np.linspace), the
+    # first before any step; cifar.py:121 lambda 10. Scaled to the run: 400 relabellings over whatever --epochs says.
     for dataset, epochs in (("cifar10", 100), ("cifar100", 100), ("cifar10", 400)):
         got = dry_run(monkeypatch, capsys, "--dataset", dataset, "--method", "sela", "--epochs", str(epochs))
         assert (got["sela_relabels"], got["sela_schedule"], got["sela_lamb"]) == (400, "linear", 10.0)
@@ -1243,9 +1243,9 @@ def test_sela_cifar_relabels_as_its_cifar_code(monkeypatch, capsys):
 
 
 def test_twist_imagenet_recipe_is_its_code(monkeypatch, capsys):
-    # train.py:100 --dim 4096 (one head); utils.py:274-275 warm-up from 0, train.py:271-272 over 10 epochs (runs
-    # over 50 epochs), utils.py:281-283 cosine to 1e-3 x lr; train.py:81,378 lr 0.5 x batch / 256; train.py:78 wd
-    # 1.5e-6. Its multi-crop run: 16 GPUs x 128 (train.py:96, README), the bs2048 recipe's batch.
+    # TWIST train.py:100 --dim 4096 (one head); utils.py:274-275 warm-up from 0, train.py:271-272 over 10 epochs
+    # (runs over 50 epochs), utils.py:281-283 cosine to 1e-3 x lr; train.py:81,378 lr 0.5 x batch / 256; train.py:78
+    # wd 1.5e-6. Its multi-crop run: 16 GPUs x 128 (train.py:96, its README), the bs2048 recipe's batch.
     got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist")
     assert (got["cls_sizes"], got["start_lr"], got["warmup_epochs"], got["final_lr_ratio"]) == ([4096], 0.0, 10, 1e-3)
     assert (got["batch_size"], got["peak_lr"], got["final_lr"]) == (2048, pytest.approx(4.0), pytest.approx(0.004))
@@ -1256,7 +1256,7 @@ def test_twist_imagenet_recipe_is_its_code(monkeypatch, capsys):
 
 
 def test_sela_imagenet_recipe_is_its_code(monkeypatch, capsys):
-    # scripts/resnet.sh:8-9,13-14,18: 10 heads x 3,000, batch 256, 400 epochs, 100 relabellings; main.py:134-135
+    # SeLa scripts/resnet.sh:8-9,13-14,18: 10 heads x 3,000, batch 256, 400 epochs, 100 relabellings; main.py:134-135
     # quadratic in samples seen; main.py:180 lr 0.08, main.py:28-29,181 x 0.1 at epochs 150, 300 and 350;
     # main.py:137 SGD, :182 wd 1e-5; data.py:58 RandomResizedCrop(224) at its default scale 0.08-1; float32
     got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")
@@ -1688,8 +1688,9 @@ def doc_reference_errors(texts):
         return text[start - 1:start] == "/" or before.endswith(REPO_TAGS)
 
     for doc, text in texts.items():
-        refs = [(m.start(1), m.group(1), m.group(2)) for m in re.finditer(r"(?<![\w.-])(\w+\.py): (\w+(?:\.\w+)*)", text)]
-        refs += [(m.start(1), m.group(1), m.group(2)) for m in re.finditer(r"`(\w+\.py)`: `(\w+(?:\.\w+)*)(?:\(\))?`", text)]
+        # `file.py: symbol` (backticks around all of it, or none) and `file.py`: `symbol` (or `symbol()`)
+        forms = (r"(?<![\w.-])(\w+\.py): (\w+(?:\.\w+)*)", r"`(\w+\.py)`: `(\w+(?:\.\w+)*)(?:\(\))?`")
+        refs = [(m.start(1), m.group(1), m.group(2)) for form in forms for m in re.finditer(form, text)]
         for start, file, symbol in refs:
             if official(text, start):
                 continue
