@@ -1117,7 +1117,7 @@ def test_imagenet_path_end_to_end_torchrun(tmp_path):
     torch.testing.assert_close(net.eval()(x), ours.eval().backbone(x))
 
 
-# The authors' ImageNet scripts (elad-amrani/self-classifier, commit e5e3fb9): global batch = nodes (#SBATCH line 2)
+# The authors' ImageNet scripts (elad-amrani/self-classifier, commit 3935138): global batch = nodes (#SBATCH line 2)
 # x per-node batch (-b, line 23); --lr, --start-warmup and --final-lr at lines 26-28; --epochs line 25;
 # --syncbn_process_group_size line 21.
 OFFICIAL_RUNS = {
@@ -1298,6 +1298,54 @@ def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_
     assert "class0_mass: checkpoint 1.0, now 3.0" in err and "Traceback" not in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert "resumed from" in log and json.load(open(f"{older}/args.json"))["class0_mass"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# TWIST and SeLa recipes against their authors' code (bytedance/TWIST 796d36e, yukimasano/self-label 3891e37):
+# what the shared network leaves free is set as there; docs/fidelity.md lists the rest
+
+
+def test_sela_cifar_relabels_as_its_cifar_code(monkeypatch, capsys):
+    # SeLa cifar.py:122 --nopts 400 (scripts/cifar.sh:10 too), cifar.py:186 times evenly spaced (np.linspace), the
+    # first before any step; cifar.py:121 lambda 10. Scaled to the run: 400 relabellings over whatever --epochs says.
+    for dataset, epochs in (("cifar10", 100), ("cifar100", 100), ("cifar10", 400)):
+        got = dry_run(monkeypatch, capsys, "--dataset", dataset, "--method", "sela", "--epochs", str(epochs))
+        assert (got["sela_relabels"], got["sela_schedule"], got["sela_lamb"]) == (400, "linear", 10.0)
+        assert got["sela_relabel_epochs"] == pytest.approx(np.linspace(0, epochs, 401)[:-1].tolist(), abs=1e-4)
+    # elsewhere the quadratic schedule of its ImageNet code stays, one relabelling per epoch unless asked
+    got = dry_run(monkeypatch, capsys, "--dataset", "synthetic", "--method", "sela")
+    assert got["sela_schedule"] == "quadratic" and got["sela_relabel_epochs"] == pytest.approx(
+        [6 * (i / 6) ** 2 for i in range(6)], abs=1e-4)
+    assert "sela_relabel_epochs" not in dry_run(monkeypatch, capsys, "--dataset", "cifar10")
+    assert "needs at least one relabelling" in dry_run(monkeypatch, capsys, "--method", "sela", "--sela_relabels", "0")
+
+
+def test_twist_imagenet_recipe_is_its_code(monkeypatch, capsys):
+    # TWIST train.py:100 --dim 4096 (one head); utils.py:274-275 warm-up from 0, train.py:271-272 over 10 epochs
+    # (runs over 50 epochs), utils.py:281-283 cosine to 1e-3 x lr; train.py:81,378 lr 0.5 x batch / 256; train.py:78
+    # wd 1.5e-6. Its multi-crop run: 16 GPUs x 128 (train.py:96, its README), the bs2048 recipe's batch.
+    got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist")
+    assert (got["cls_sizes"], got["start_lr"], got["warmup_epochs"], got["final_lr_ratio"]) == ([4096], 0.0, 10, 1e-3)
+    assert (got["batch_size"], got["peak_lr"], got["final_lr"]) == (2048, pytest.approx(4.0), pytest.approx(0.004))
+    assert (got["weight_decay"], got["queue_len"], got["bn_group"], got["optimizer"]) == (1.5e-6, 0, 0, "lars")
+    # the cls_sizes flag still wins: TWIST's clustering model has 1,000 classes (its --dim 1000)
+    assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "twist", "--cls_sizes", "1000")[
+        "cls_sizes"] == [1000]
+
+
+def test_sela_imagenet_recipe_is_its_code(monkeypatch, capsys):
+    # SeLa scripts/resnet.sh:8-9,13-14,18: 10 heads x 3,000, batch 256, 400 epochs, 100 relabellings; main.py:134-135
+    # quadratic in samples seen; main.py:180 lr 0.08, main.py:28-29,181 x 0.1 at epochs 150, 300 and 350;
+    # main.py:137 SGD, :182 wd 1e-5; data.py:58 RandomResizedCrop(224) at its default scale 0.08-1; float32
+    got = dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")
+    assert (got["cls_sizes"], got["batch_size"], got["epochs"]) == ([3000] * 10, 256, 400)
+    assert (got["optimizer"], got["peak_lr"], got["start_lr"], got["warmup_epochs"]) == ("sgd", 0.08, 0.08, 0)
+    assert (got["lr_drops"], got["final_lr"], got["weight_decay"]) == ([150, 300, 350], pytest.approx(8e-5), 1e-5)
+    assert (got["crop_scale"], got["n_local"], got["precision"], got["sela_lamb"]) == ([0.08, 1.0], 0, "fp32", 25.0)
+    assert (got["sela_relabels"], got["sela_schedule"]) == (100, "quadratic")
+    assert got["sela_relabel_epochs"] == pytest.approx([400 * (i / 100) ** 2 for i in range(100)], abs=1e-4)
+    assert "SeLa on imagenet follows its authors' run" in dry_run(monkeypatch, capsys, "--dataset", "imagenet",
+                                                                   "--method", "sela", "--recipe", "bs2048")
 
 
 # -----------------------------------------------------------------------------
@@ -1676,6 +1724,93 @@ def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
     [err] = fails([PY, "train.py", *flags, "--epochs", "2", "--data_dir", str(good), "--skip_unreadable",
                    "--out_dir", out])
     assert "folder_files: checkpoint" in err and open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+# -----------------------------------------------------------------------------
+# the documents name this project's code by file and symbol, never by line, and the symbols exist.
+# The convention (docs/fidelity.md states it): `train.py: lr_at`, `model.py: NNQueue.lookup` or `train.py`: `lr_at`
+# names a function, class or assigned name of that file (dotted: one defined inside it, self.x included).
+# A file:line reference is the authors' code and names its repository first, inside the same backticks:
+# `TWIST train.py:188-264`, `SeLa cifar.py:186`, or a path: SC `src/train.py:430`.
+
+REFERENCE_DOCS = ("README.md", "docs/fidelity.md", "docs/experiments.md")
+REPO_TAGS = ("SC", "TWIST", "SeLa")
+
+
+def code_scopes(path):
+    """{name: (node, its scope)} of what a file defines outside any function, by an ast parse (no import);
+    a def or class's scope holds what its body defines, and a class's also the self.x it assigns."""
+    import ast
+
+    def scope(body, cls=False):
+        found, todo = {}, list(body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = scope(node.body, isinstance(node, ast.ClassDef))
+                if cls:  # a method's self.x belongs to its class
+                    found.update({n.attr: (n, {}) for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                                  and isinstance(n.ctx, ast.Store) and getattr(n.value, "id", "") == "self"})
+                found[node.name] = (node, inner)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                found.setdefault(node.id, (node, {}))
+            elif not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                todo.extend(ast.iter_child_nodes(node))
+        return found
+
+    return scope(ast.parse(open(path).read()).body)
+
+
+def doc_reference_errors(texts):
+    """What is wrong with the references to this project's code in {document name: text}: symbols a file
+    lacks, files that do not exist, and line numbers of this project's files."""
+    import re
+    project = {f for f in os.listdir(HERE) if f.endswith(".py")}
+    scopes, errors = {}, []
+
+    def official(text, start):  # a repository's name (inside the backticks or just before them) or a path
+        before = text[max(0, start - 8):start].rstrip("` \n")
+        return text[start - 1:start] == "/" or before.endswith(REPO_TAGS)
+
+    for doc, text in texts.items():
+        # `file.py: symbol` (backticks around all of it, or none) and `file.py`: `symbol` (or `symbol()`)
+        forms = (r"(?<![\w.-])(\w+\.py): (\w+(?:\.\w+)*)", r"`(\w+\.py)`: `(\w+(?:\.\w+)*)(?:\(\))?`")
+        refs = [(m.start(1), m.group(1), m.group(2)) for form in forms for m in re.finditer(form, text)]
+        for start, file, symbol in refs:
+            if official(text, start):
+                continue
+            if file not in project:
+                errors.append(f"{doc}: {file}: {symbol}: no file {file} here (the authors' code names its repository)")
+                continue
+            if file not in scopes:
+                scopes[file] = code_scopes(os.path.join(HERE, file))
+            found = scopes[file]
+            for part in symbol.split("."):
+                if part not in found:
+                    errors.append(f"{doc}: {file}: {symbol}: {file} defines no {symbol}")
+                    break
+                found = found[part][1]
+        for m in re.finditer(r"(?<![\w.-])(\w+\.py):\d", text):
+            if m.group(1) in project and not official(text, m.start(1)):
+                errors.append(f"{doc}: {m.group(0)}...: a line number of this project's code (name the symbol)")
+    return errors
+
+
+def test_documents_name_symbols_that_exist():
+    import re
+    texts = {d: open(os.path.join(HERE, d)).read() for d in REFERENCE_DOCS}
+    assert doc_reference_errors(texts) == []
+    assert len(re.findall(r"`\w+\.py: \w", texts["docs/fidelity.md"])) >= 30  # the parser sees the references
+    made_up = {"a.md": "`train.py: lr_at`, `model.py: NNQueue.lookup`, `model.py: ProjectionMLP.out_dim`, "
+                       "`train.py`: `relabel()`, `TWIST train.py:188-264`, SC `src/train.py:430`, `TWIST utils.py: x`\n"
+                       "`train.py: lr_schedule`, `model.py: NNQueue.pop`, `train.py:332`, `loss.py`: `no_loss`, "
+                       "`utils.py: adjust_learning_rate`"}
+    assert doc_reference_errors(made_up) == [
+        "a.md: train.py: lr_schedule: train.py defines no lr_schedule",
+        "a.md: model.py: NNQueue.pop: model.py defines no NNQueue.pop",
+        "a.md: utils.py: adjust_learning_rate: no file utils.py here (the authors' code names its repository)",
+        "a.md: loss.py: no_loss: loss.py defines no no_loss",
+        "a.md: train.py:3...: a line number of this project's code (name the symbol)"]
 
 
 # -----------------------------------------------------------------------------

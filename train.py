@@ -44,7 +44,8 @@ parser.add_argument("--method", default="self_classifier", choices=["self_classi
                     help="self_classifier (Amrani et al.), twist (Wang et al.) or sela (Asano et al.)")
 parser.add_argument("--recipe", default=None, choices=["bs2048", "100ep", "800ep"], help="imagenet: the published run "
                     "to reproduce: bs2048 (default, 8 GPUs x 256: the authors' batch-size ablation), 100ep or 800ep "
-                    "(the paper's runs, global batch 4,092, so the process count must divide 4,092: 6, 12, 22, 66, ...)")
+                    "(the paper's runs, global batch 4,092, so the process count must divide 4,092: 6, 12, 22, 66, "
+                    "...); TWIST takes its batch and epochs; SeLa has its authors' run instead")
 parser.add_argument("--dry_run", action="store_true", help="print the settings after the recipe as JSON and exit")
 # model
 parser.add_argument("--arch", default=None, help="resnet18, resnet50, alexnet or cnn (a 4-conv network for CPUs)")
@@ -67,8 +68,12 @@ objective.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weig
 objective.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
 objective.add_argument("--twist_tau", type=float, default=None, help="TWIST temperature of the entropy terms "
                        "(default: the paper's 1.0; 0.5 in the CPU recipes, synthetic and (fashion_)mnist)")
-objective.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over the "
-                       "run, quadratically spaced (dense early), the first before any step (default: --epochs of them)")
+objective.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over "
+                       "the run, the first before any step (default: 400 on cifar10/cifar100 as SeLa's cifar.py, 100 "
+                       "on imagenet as its main.py, else --epochs of them)")
+objective.add_argument("--sela_schedule", default=None, choices=["quadratic", "linear"], help="SeLa: relabelling i of "
+                       "n at (i/n)^2 of the run (dense early, its ImageNet code) or at i/n (its CIFAR code; the default "
+                       "on cifar10/cifar100, quadratic elsewhere)")
 objective.add_argument("--sela_lamb", type=float, default=None, help="SeLa: Sinkhorn-Knopp exponent lambda "
                        "(P^lambda; default: 10 on cifar10/cifar100 as SeLa's CIFAR code, else 25 as its ImageNet code)")
 objective.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples "
@@ -86,6 +91,8 @@ parser.add_argument("--lr", type=float, default=None, help="base learning rate p
 parser.add_argument("--start_lr", type=float, default=None, help="learning rate at step 0, warming up to lr (absolute)")
 parser.add_argument("--warmup_epochs", type=float, default=None, help="linear warmup length in epochs, then cosine")
 parser.add_argument("--final_lr_ratio", type=float, default=1e-3, help="the cosine ends at lr * this")
+parser.add_argument("--lr_drops", type=float, nargs="*", default=None, metavar="EPOCH", help="a step schedule "
+                    "instead of the cosine: lr x 0.1 at each of these epochs (SeLa's ImageNet code: 150 300 350)")
 parser.add_argument("--optimizer", default=None, choices=["lars", "sgd"], help="SGD momentum, with LARS scaling or plain")
 parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (LARS wraps the same SGD)")
 parser.add_argument("--weight_decay", type=float, default=None, help="L2 weight decay on all parameters")
@@ -167,17 +174,36 @@ IMAGENET_RUNS = {
     "100ep": dict(batch_size=4092, lr=4.8 * 256 / 4092, start_lr=0.3, epochs=100, bn_group=22, precision="fp32"),
     "800ep": dict(batch_size=4092, lr=3.2 * 256 / 4092, start_lr=0.2, epochs=800, bn_group=22, precision="fp32"),
 }
+# TWIST and SeLa on the shared network, with what their authors' code sets that the network leaves free
+# (bytedance/TWIST 796d36e, yukimasano/self-label 3891e37; docs/fidelity.md has the lines and what stays different).
+# TWIST: one head of 4,096 classes, lr 0.5 per 256 images warming up from 0, wd 1.5e-6; batch and epochs from
+# --recipe (bs2048 is TWIST's batch too). SeLa: its resnet.sh run, 10 heads of 3,000, SGD at 0.08 for batch 256,
+# x 0.1 at epochs 150, 300 and 350, wd 1e-5, 400 epochs, crops of 0.08-1, 100 quadratic relabellings; CIFAR: 400
+# relabellings evenly spaced.
+METHOD_RECIPES = {
+    ("imagenet", "twist"): dict(cls_sizes=[4096], lr=0.5, start_lr=0.0, weight_decay=1.5e-6),
+    ("imagenet", "sela"): dict(cls_sizes=[3000] * 10, optimizer="sgd", batch_size=256, lr=0.08, warmup_epochs=0,
+                               start_lr=0.08, lr_drops=[150, 300, 350], weight_decay=1e-5, epochs=400, n_local=0,
+                               crop_scale=[0.08, 1.0], sela_relabels=100, precision="fp32"),
+    ("cifar10", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
+    ("cifar100", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
+}
 if args.dataset == "imagenet":
-    args.recipe = args.recipe or "bs2048"
-    RECIPES["imagenet"].update(IMAGENET_RUNS[args.recipe])
+    if args.method == "sela" and args.recipe:
+        raise SystemExit(f"--recipe {args.recipe}: the recipes are Self-Classifier's published runs; SeLa on imagenet "
+                         f"follows its authors' run (batch 256, 400 epochs), changed by flags")
+    if args.method != "sela":
+        args.recipe = args.recipe or "bs2048"
+        RECIPES["imagenet"].update(IMAGENET_RUNS[args.recipe])
 RECIPES["cifar10"]["sela_lamb"] = RECIPES["cifar100"]["sela_lamb"] = 10.0  # SeLa's cifar.py (its ImageNet code: 25)
+RECIPES[args.dataset].update(METHOD_RECIPES.get((args.dataset, args.method), {}))
 for k, v in RECIPES[args.dataset].items():
     if getattr(args, k, None) is None:
         setattr(args, k, v)
 # twist_tau: the paper's 1.0 leaves TWIST's predictions soft in the CPU recipes, which set 0.5
 # (docs/experiments.md, "why --twist_tau 0.5 in the CPU recipes")
-for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, bn_group=0, precision="bf16",
-                 size=data.DATASETS[args.dataset]["size"],
+for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, sela_schedule="quadratic", bn_group=0,
+                 precision="bf16", size=data.DATASETS[args.dataset]["size"],
                  local_size=data.DATASETS[args.dataset]["local_size"],
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
     if getattr(args, k) is None:
@@ -193,9 +219,22 @@ if args.channels is not None and args.dataset != "folder":
     raise SystemExit(f"--channels is for --dataset folder; {args.dataset} has {data.DATASETS[args.dataset]['chans']}")
 args.in_chans = args.channels or data.DATASETS[args.dataset]["chans"]
 args.small_stem = args.size <= 32
+if args.sela_relabels is not None and args.sela_relabels < 1:
+    raise SystemExit(f"--sela_relabels {args.sela_relabels}: SeLa needs at least one relabelling (the first at step 0)")
+
+
+def relabel_points():
+    # SeLa: relabelling i of n at i/n of the run (linear) or (i/n)^2 (quadratic: dense early), the first at step 0
+    n = args.sela_relabels or args.epochs
+    return [(i / n) ** (2 if args.sela_schedule == "quadratic" else 1) for i in range(n)]
+
+
 if args.dry_run:
     peak = args.lr * args.batch_size / 256
-    print(json.dumps(dict(vars(args), peak_lr=peak, final_lr=peak * args.final_lr_ratio)))
+    drops = sum(d < args.epochs for d in args.lr_drops or ())
+    final = peak * 0.1 ** drops if args.lr_drops else peak * args.final_lr_ratio
+    sela = {"sela_relabel_epochs": [round(args.epochs * f, 4) for f in relabel_points()]} if args.method == "sela" else {}
+    print(json.dumps(dict(vars(args), peak_lr=peak, final_lr=final, **sela)))
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
@@ -325,8 +364,7 @@ if args.method == "sela":
         label_set.drop(skipped)
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
-    n_relabel = args.sela_relabels or args.epochs
-    relabel_steps = {int(total_steps * (i / n_relabel) ** 2) for i in range(n_relabel)}
+    relabel_steps = {int(total_steps * f) for f in relabel_points()}
 
 # resume: the same command again continues from the checkpoint, or refuses with the differences
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -334,7 +372,8 @@ MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_d
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
               "size", "local_size", "crop_scale", "seed", "precision",
               *(a.dest for a in objective._group_actions))  # --row_tau, --col_tau, ... and any flag added there
-BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32")  # what checkpoints older than a flag trained with
+# what checkpoints older than a flag trained with
+BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
 start_step = 0
 if os.path.exists(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -362,11 +401,13 @@ if ddp:
 
 
 def lr_at(step):
-    # linear warmup from start_lr to lr, then a cosine to lr * final_lr_ratio, per iteration
+    # linear warmup from start_lr to lr, then a cosine to lr * final_lr_ratio (or --lr_drops' steps), per iteration
     lr = args.lr * args.batch_size / 256
     warmup = int(args.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return args.start_lr + (lr - args.start_lr) * step / warmup
+    if args.lr_drops:
+        return lr * 0.1 ** sum(step >= d * steps_per_epoch for d in args.lr_drops)
     t = (step - warmup) / max(1, total_steps - warmup)
     final = lr * args.final_lr_ratio
     return final + 0.5 * (lr - final) * (1 + math.cos(math.pi * t))
