@@ -572,6 +572,37 @@ def test_init_keeps_what_fits_and_makes_new_heads(authors_network, authors_file)
         init_from(SelfClassifier("resnet18", cls_sizes=(10,)), pre)
 
 
+@slow
+def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, authors_file, tmp_path):
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    flags = ("--dataset", "imagenet", "--data_dir", root, "--size", "64", "--linear_protocol", "fast",
+             "--linear_epochs", "5", "--workers", "0")
+    printed = run([PY, "evaluate.py", "--ckpt", authors_file, "--out_dir", str(tmp_path / "sc"), *flags])
+    assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in printed
+    m = json.load(open(tmp_path / "sc" / "metrics.json"))
+    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "knn_top1_k10", "knn_top1_k20", "linear_top1",
+                "linear_top1_fast", "kmeans_nmi", "kmeans_ami", "kmeans_ari", "kmeans_acc"}
+    assert expected <= set(m) and m["epoch"] == 800 and m["precision"] == "fp32" and m["num_eval"] == 12, m
+    assert len(m["class_sizes"]) == 1000 and os.path.exists(tmp_path / "sc" / "examples.png")
+    # head 0's predictions are the independent network's on the same center crops, in float32
+    net, mlp, heads, _ = authors_network
+    ds = data.build_dataset("imagenet", root, "eval", data.eval_transform("imagenet", 64))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        want = heads[0](F.normalize(mlp(net(x)), dim=1, eps=1e-7)).argmax(1).numpy()
+    saved = np.load(tmp_path / "sc" / "predictions.npz")
+    assert (saved["pred"] == want).all() and (saved["label"] == [ds[i][1] for i in range(len(ds))]).all()
+    assert cluster_metrics(saved["label"], want) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
+    # a backbone alone (TWIST's "backbone only"): kNN, the probe and k-means, no head to score
+    torch.save(net.state_dict(), tmp_path / "twist_r50.pth")
+    run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"), *flags])
+    m = json.load(open(tmp_path / "twist" / "metrics.json"))
+    assert {"knn_top1", "linear_top1", "kmeans_acc"} <= set(m) and "nmi" not in m and "class_sizes" not in m
+    assert not os.path.exists(tmp_path / "twist" / "predictions.npz")
+    [err] = fails([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth")])
+    assert "is a published network, which names no data: give --dataset and --data_dir" in err
+
+
 # -----------------------------------------------------------------------------
 # data: the on-disk formats of torchvision, written by the tests; torchvision's own readers agree
 
