@@ -603,6 +603,29 @@ def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, au
     assert "is a published network, which names no data: give --dataset and --data_dir" in err
 
 
+@slow
+def test_train_from_a_published_network_on_a_folder_then_resume(authors_file, tmp_path):
+    from model import read_pretrained
+    root = make_jpeg_folder(str(tmp_path / "photos"))
+    out = str(tmp_path / "run")
+    cmd = [PY, "train.py", "--dataset", "folder", "--data_dir", root, "--out_dir", out, "--cls_sizes", "3", "6",
+           "--batch_size", "12", "--workers", "0", "--eval_every", "0", "--log_every", "1", "--init", authors_file]
+    log = run(cmd + ["--epochs", "1", "--lr", "0"])
+    assert "--init: kept backbone, projection MLP; new: head 0 (3 classes), head 1 (6 classes)" in log, log
+    assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in log and "step 3/3" in log
+    pre = read_pretrained(authors_file)
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["args"]["arch"] == "resnet50" and ckpt["args"]["mlp_hidden"] == 4096  # the file's, not the recipe's
+    for k in ("backbone.conv1.weight", "backbone.layer4.2.conv3.weight", "mlp.net.0.weight", "mlp.net.3.bias"):
+        assert torch.equal(ckpt["model"][k], pre["state"][k]), k  # lr 0: still the file's weights
+    # the same command again resumes: the checkpoint wins, the file is not read again, --init stays on record
+    log = run(cmd + ["--epochs", "2"])
+    assert "resumed from" in log and "step 6/6" in log and "--init: kept" not in log, log
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and not torch.equal(ckpt["model"]["mlp.net.0.weight"], pre["state"]["mlp.net.0.weight"])
+    assert json.load(open(f"{out}/args.json"))["init"] == authors_file
+
+
 # -----------------------------------------------------------------------------
 # data: the on-disk formats of torchvision, written by the tests; torchvision's own readers agree
 
