@@ -593,11 +593,13 @@ def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, au
     saved = np.load(tmp_path / "sc" / "predictions.npz")
     assert (saved["pred"] == want).all() and (saved["label"] == [ds[i][1] for i in range(len(ds))]).all()
     assert cluster_metrics(saved["label"], want) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
-    # a backbone alone (TWIST's "backbone only"): kNN, the probe and k-means, no head to score
+    # a backbone alone (TWIST's "backbone only"): kNN, the probe and k-means, no head to score; bf16 on request
     torch.save(net.state_dict(), tmp_path / "twist_r50.pth")
-    run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"), *flags])
+    run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"), "--bf16",
+         *flags])
     m = json.load(open(tmp_path / "twist" / "metrics.json"))
     assert {"knn_top1", "linear_top1", "kmeans_acc"} <= set(m) and "nmi" not in m and "class_sizes" not in m
+    assert m["precision"] == "bf16"
     assert not os.path.exists(tmp_path / "twist" / "predictions.npz")
     [err] = fails([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth")])
     assert "is a published network, which names no data: give --dataset and --data_dir" in err
