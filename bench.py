@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "precision", "watch", "memory", "loss", "stop"],
+parser.add_argument("--only", nargs="+",
+                    default=["step", "data", "eval", "precision", "watch", "memory", "loss", "stop"],
                     help="parts to run: step data eval precision watch memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
 args, _ = parser.parse_known_args()

@@ -158,7 +158,8 @@ pretrained = read_pretrained(args.ckpt)
 if pretrained["ckpt"] is None:  # a published network: the layout gives the network, the flags the data
     print0(pretrained["report"])
     if args.dataset is None or args.data_dir is None:
-        raise SystemExit(f"--ckpt {args.ckpt} is a published network, which names no data: give --dataset and --data_dir")
+        raise SystemExit(f"--ckpt {args.ckpt} is a published network, which names no data: give --dataset and "
+                         f"--data_dir")
     train_args = dict(pretrained["config"], dataset=args.dataset, data_dir=args.data_dir, holdout=0, size=224,
                       row_tau=0.1)
 else:

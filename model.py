@@ -375,11 +375,12 @@ def read_pretrained(path):
         extra = [k for k in sd if not k.startswith(("backbone.", "mlp_head.mlp.", "cls_"))]
         if extra:
             raise SystemExit(f"{path}: the Self-Classifier authors' layout, with names it does not have: {extra[:6]}")
-    elif any(k.startswith("projection_heads.") for k in model_sd) and torchvision_resnet(strip_prefix(model_sd, "backbone.")):
+    elif any(k.startswith("projection_heads.") for k in model_sd) \
+            and torchvision_resnet(strip_prefix(model_sd, "backbone.")):
         kind, used = "TWIST's full checkpoint", used | {"model"}
         state = backbone(strip_prefix(model_sd, "backbone."))
         parts.append("model's projection_heads left out (TWIST's head has no counterpart here)")
-        notes["backbone"] = "the backbone again"
+        notes["backbone"] = "the backbone is read from model"
     elif any("top_layer" in k for k in plain or sd) and any("features." in k for k in plain or sd):
         raise SystemExit(f"{path}: SeLa's pre-activation ResNet-50 (features.*, top_layer*), which does not load "
                          f"into torchvision's ResNet; SeLa's Aug++ files (resnet50-1k_pp.pth, ...) do")

@@ -478,23 +478,23 @@ def test_authors_self_classifier_file_gives_the_authors_forward(authors_network,
             torch.testing.assert_close(got, head(z), rtol=0, atol=1e-5)
 
 
-def test_twist_sela_and_torchvision_backbones_give_torchvision_features(tmp_path):
+def test_twist_sela_and_torchvision_backbones_give_torchvision_features(authors_network, tmp_path):
     import argparse
     from model import build_pretrained, read_pretrained
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    net50, net18 = random_resnet("resnet50", 2), random_resnet("resnet18", 3)
+    net50, net18 = authors_network[0], random_resnet("resnet18", 3)  # the released files: ResNet-50 and -18
     sd50, sd18 = net50.state_dict(), net18.state_dict()
     twist = {f"backbone.{k}": v for k, v in sd50.items()}  # with TWIST's head, shortened: it is left out
     twist.update({"projection_heads.projection_head.0.weight": torch.randn(16, 2048),
                   "projection_heads.norm.running_mean": torch.zeros(16)})
     files = {  # name: (object saved, network, words of the report)
-        "twist_backbone_only.pth": (sd50, net50, "a torchvision ResNet state_dict"),
+        "twist_backbone_only.pth": (sd18, net18, "a torchvision ResNet state_dict"),
         "twist_full_ckpt.pth": (dict(model={f"module.{k}": v for k, v in twist.items()},
                                      backbone=sd50, optimizer={}, epoch=800, scaler={},
                                      args=argparse.Namespace(arch="resnet50")), net50, "TWIST's full checkpoint"),
-        "sela_resnet18-1k_pp.pth": (dict(state_dict=sd18 | {"fc.weight": torch.randn(1000, 512), "fc.bias":
-                                                             torch.zeros(1000)}, labels=torch.zeros(9, dtype=torch.long)),
-                                    net18, "under 'state_dict'"),
+        "sela_resnet18-1k_pp.pth": (dict(state_dict=sd18 | {"fc.weight": torch.randn(1000, 512),
+                                                             "fc.bias": torch.zeros(1000)},
+                                         labels=torch.zeros(9, dtype=torch.long)), net18, "under 'state_dict'"),
         "torchvision_ddp.pth": ({f"module.{k}": v for k, v in sd18.items()}, net18, "a torchvision ResNet"),
     }
     for name, (obj, net, words) in files.items():
@@ -521,7 +521,8 @@ def test_pickled_code_in_the_queue_never_runs(authors_network, tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"refusing to load it \(it may carry code\).*posix.system"):
         read_pretrained(save_authors_file(tmp_path / "shell.pth.tar", sd, nn_queue=RunShell()))
     # this project's own checkpoint holding pickled code is refused, whatever the code
-    torch.save(dict(model={"w": torch.zeros(1)}, args=dict(cls_sizes=[2]), epoch=1, extra=OpenFile()), tmp_path / "ckpt.pt")
+    ours = dict(model={"w": torch.zeros(1)}, args=dict(cls_sizes=[2]), epoch=1, extra=OpenFile())
+    torch.save(ours, tmp_path / "ckpt.pt")
     with pytest.raises(SystemExit, match=r"refusing to load it \(it may carry code\): it holds pickled io.open"):
         read_pretrained(str(tmp_path / "ckpt.pt"))
     assert not marker.exists()
@@ -532,12 +533,13 @@ def test_unknown_files_are_refused_in_one_message(tmp_path):
     import torchvision
     with torch.device("meta"):
         resnet101_keys = list(torchvision.models.resnet101().state_dict())
-    sela_raw = {"module.features.0.weight": torch.zeros(64, 3, 7, 7), "module.top_layer0.weight": torch.zeros(3000, 2048)}
+    sela_raw = {"module.features.0.weight": torch.zeros(64, 3, 7, 7), "module.top_layer0.weight": torch.zeros(30, 8)}
     cases = {
         "vit.pth": (dict(model={"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8)}, epoch=3),
                     "not a checkpoint this project can read: top-level keys ['model', 'epoch']; under model: "
                     "['cls_token', 'pos_embed']"),
-        "weights.pt": ({"linear.weight": torch.zeros(2, 2)}, "a state_dict of 1 tensors, first names ['linear.weight']"),
+        "weights.pt": ({"linear.weight": torch.zeros(2, 2)},
+                       "a state_dict of 1 tensors, first names ['linear.weight']"),
         "resnet101.pth": ({k: torch.zeros(1) for k in resnet101_keys}, "a torchvision resnet101; this project builds "
                           "resnet18, resnet50"),
         "resnet-10x3k.pth": (sela_raw, "SeLa's pre-activation ResNet-50"),

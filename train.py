@@ -2,7 +2,8 @@
 
     python train.py --dataset synthetic                       # a laptop CPU, under a minute
     python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120   # your own pictures
-    python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120 --init model_800.pth.tar   # from a published network
+    python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120 --init model_800.pth.tar
+                                            # the same from the authors' network: its backbone and MLP, new heads
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /path/to/imagenet
 Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 saves the step in flight and
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
@@ -187,8 +188,9 @@ elif args.init:
         raise SystemExit(f"--init {args.init}: no such file")
     init = read_pretrained(args.init)
     c = init["config"]
+    # a backbone alone gives the arch only
     shape = dict(arch=c["arch"], **({"width": c["width"]} if c["arch"] == "cnn" else {}),
-                 **{k: c[k] for k in ("mlp_layers", "mlp_hidden", "mlp_out") if c["mlp_layers"]})  # a backbone alone: arch
+                 **{k: c[k] for k in ("mlp_layers", "mlp_hidden", "mlp_out") if c["mlp_layers"]})
 else:
     shape = {}
 for k, v in shape.items():
