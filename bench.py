@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--only", nargs="+", default=["step", "data", "eval", "watch", "memory", "loss", "stop"],
-                    help="parts to run: step data eval watch memory loss stop")
+parser.add_argument("--only", nargs="+",
+                    default=["step", "data", "eval", "precision", "watch", "memory", "loss", "stop"],
+                    help="parts to run: step data eval precision watch memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
 args, _ = parser.parse_known_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,6 +173,43 @@ def bench_eval():
     row("eval: metrics.py NMI+AMI+ARI+ACC, 50k samples, 1000 classes", t_ours * 1000, "ms")
     row("eval: scikit-learn NMI+AMI+ARI, same labels", t_sk * 1000, "ms")
     row("eval: scikit-learn time / ours", t_sk / t_ours, "x")
+
+
+def bench_precision(batch=8, px=224):
+    """evaluate.py's feature extraction of the authors' ImageNet network (ResNet-50, MLP 2048-4096-128, head 0 of
+    1000 classes; eval mode, channels_last) in float32, its default, against bf16 autocast (--bf16)."""
+    from model import SelfClassifier
+    torch.manual_seed(0)
+    model = SelfClassifier("resnet50", cls_sizes=(1000, 2000, 4000, 8000)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, px, px).contiguous(memory_format=torch.channels_last)
+    def extract(bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.predict(x, heads=[0])
+
+    # the two alternate, so that a change in the machine's load falls on both
+    times = {"fp32": [], "bf16": []}
+    for r in range(args.repeats + 1):
+        for name in times:
+            t0 = time.perf_counter()
+            extract(name == "bf16")
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        row(f"precision: ResNet-50 + MLP + head 0, {px} px, batch {batch}, {name}", batch / np.median(t), "img/s")
+    ratios = np.array(times["fp32"]) / np.array(times["bf16"])
+    row("precision: fp32 time / bf16 time, median of the rounds", float(np.median(ratios)), "x",
+        f"(rounds {ratios.min():.2f}-{ratios.max():.2f})")
+    # what one data-loading process feeds it: read, decode and evaluation transform of a JPEG photo
+    import io
+    import data
+    from matplotlib import cbook
+    from PIL import Image
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        jpeg = f.read()
+    tf = data.eval_transform("imagenet")
+    t = median_time(lambda: [tf(Image.open(io.BytesIO(jpeg)).convert("RGB")) for _ in range(batch)])
+    w, h = Image.open(io.BytesIO(jpeg)).size
+    row(f"precision: one loader process, {w} x {h} JPEG to a 224 px center crop", batch / t, "img/s")
 
 
 def bench_watch():
@@ -383,5 +421,5 @@ if __name__ == "__main__":
         sys.exit()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     for part in args.only:
-        {"step": bench_step, "data": bench_data, "eval": bench_eval, "watch": bench_watch, "memory": bench_memory,
-         "loss": bench_loss, "stop": bench_stop}[part]()
+        {"step": bench_step, "data": bench_data, "eval": bench_eval, "precision": bench_precision, "watch": bench_watch,
+         "memory": bench_memory, "loss": bench_loss, "stop": bench_stop}[part]()

@@ -4,6 +4,7 @@ probe and k-means baselines, written to OUT/metrics.json, with figures of what t
     python evaluate.py --ckpt out/synthetic-self_classifier/ckpt.pt
     python evaluate.py --ckpt out/folder-self_classifier/ckpt.pt   # + clusters.csv and a picture of each class
     torchrun --nproc_per_node=8 evaluate.py --ckpt out/imagenet-self_classifier/ckpt.pt --data_dir /path/to/imagenet
+    python evaluate.py --ckpt model_800.pth.tar --dataset imagenet --data_dir /path/to/imagenet   # the authors' model
 """
 import argparse
 import json
@@ -19,12 +20,19 @@ import data
 import metrics
 from lars import LARS
 from loss import all_gather_cat
-from model import build_model, load_checkpoint
+from model import build_model, read_pretrained
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-parser.add_argument("--dataset", default=None, choices=list(data.DATASETS), help="default: the checkpoint's")
-parser.add_argument("--data_dir", default=None, help="default: the checkpoint's")
+parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a published network: the "
+                    "Self-Classifier authors' .pth.tar, TWIST's or SeLa's ResNet file, a torchvision ResNet state_dict "
+                    "(recognised by content; heads are scored where the file has them)")
+parser.add_argument("--dataset", default=None, choices=list(data.DATASETS), help="default: the checkpoint's "
+                    "(a published network names none: give it)")
+parser.add_argument("--data_dir", default=None, help="default: the checkpoint's (a published network: give it)")
+parser.add_argument("--size", type=int, default=None, help="evaluation crop side in px, after a resize of the "
+                    "dataset's ratio (imagenet: 256/224) (default: the training crop; 224 for a published network)")
+parser.add_argument("--bf16", action="store_true", help="extract features under bf16 autocast (default: float32 for "
+                    "every checkpoint, as the authors evaluate; docs/experiments.md has the cost of each)")
 parser.add_argument("--out_dir", default=None, help="where metrics.json and the figures go (default: the checkpoint's folder)")
 parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass, per process")
 parser.add_argument("--workers", type=int, default=2, help="data loading processes per process")
@@ -146,24 +154,35 @@ def print0(*a):
 
 if not os.path.isfile(args.ckpt):
     raise SystemExit(f"--ckpt {args.ckpt}: no such file")
-ckpt = load_checkpoint(args.ckpt)
-train_args = ckpt["args"]
+pretrained = read_pretrained(args.ckpt)
+if pretrained["ckpt"] is None:  # a published network: the layout gives the network, the flags the data
+    print0(pretrained["report"])
+    if args.dataset is None or args.data_dir is None:
+        raise SystemExit(f"--ckpt {args.ckpt} is a published network, which names no data: give --dataset and "
+                         f"--data_dir")
+    train_args = dict(pretrained["config"], dataset=args.dataset, data_dir=args.data_dir, holdout=0, size=224,
+                      row_tau=0.1)
+else:
+    train_args = pretrained["ckpt"]["args"]
 dataset_name = args.dataset or train_args["dataset"]
 data_dir = args.data_dir or train_args["data_dir"]
 out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
 holdout = train_args.get("holdout", 0) if args.holdout is None else args.holdout
-bf16 = use_cuda and train_args.get("precision", "bf16") == "bf16"  # the training run's precision
+size = args.size or train_args["size"]
+heads = len(train_args["cls_sizes"])  # a backbone alone has none: kNN, the linear probe and k-means only
 linear_protocol = ("paper" if dataset_name == "imagenet" else "fast") if args.linear_protocol == "auto" else args.linear_protocol
 model = build_model(train_args)
-model.load_state_dict(ckpt["model"])
+model.load_state_dict(pretrained["state"])
 model.to(device, memory_format=torch.channels_last).eval()  # as in train.py
+epoch = pretrained["epoch"]
+del pretrained
 num_classes = data.DATASETS[dataset_name]["classes"]  # folder: its number of sub-folders, once read
 # a folder is normalised by the mean and std train.py measured on it
 MEAN = train_args.get("mean") or data.DATASETS[dataset_name]["mean"]
 STD = train_args.get("std") or data.DATASETS[dataset_name]["std"]
 if dataset_name == "cifar100" and args.superclasses:
     num_classes = 20
-    if train_args["cls_sizes"][0] != 20:  # 100 clusters matched to 20 classes would inflate every metric
+    if not heads or train_args["cls_sizes"][0] != 20:  # 100 clusters matched to 20 classes would inflate every metric
         raise SystemExit("--superclasses scores head 0 against 20 classes: train with --cls_sizes 20 ...")
 
 
@@ -172,7 +191,7 @@ def load_split(split, transform):
     if dataset_name == "folder" and train_args.get("skip_unreadable"):
         ds.drop([f for f, _ in ds.scan()[0]])  # as in training: the files that cannot be decoded are left out
     if dataset_name == "folder":
-        ds.draft_side = train_args["size"]  # the evaluation crop's side: the decode need not be larger
+        ds.draft_side = size  # the evaluation crop's side: the decode need not be larger
     if dataset_name == "cifar100" and args.superclasses:
         if holdout:
             raise SystemExit("--superclasses with a --holdout checkpoint is not supported")
@@ -192,11 +211,11 @@ def extract(ds):
                                          num_workers=args.workers, pin_memory=use_cuda)
     feats, logits, labels, index = [], [], [], []
     for x, y, i in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f, (out,) = model.predict(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                                        heads=[0])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            f, out = model.predict(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                                   heads=[0] if heads else [])
         feats.append(f.float())
-        logits.append(out.float())
+        logits.append(out[0].float() if heads else f.new_zeros(len(f), 0))
         labels.append(y.to(device))
         index.append(i.to(device))
     feats, logits, labels, index = (all_gather_cat(torch.cat(t)) for t in (feats, logits, labels, index))
@@ -231,7 +250,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
             return (clf(test_f).argmax(1) == test_y).float().mean().item()
     # augmented protocol: crops through the frozen backbone every epoch, probe trained under DDP
     from torchvision import transforms
-    aug = transforms.Compose([transforms.RandomResizedCrop(train_args["size"]), transforms.RandomHorizontalFlip(),
+    aug = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     ds = load_split("train_labeled", aug)
     clf = torch.nn.Linear(model.feat_dim, C).to(device)
@@ -248,7 +267,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
     for epoch in range(args.linear_epochs):
         sampler.set_epoch(epoch)
         for x, y, _ in loader:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 f = model.backbone(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(clf(f.float()), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -363,13 +382,13 @@ def plot_class_sheets(ds, pred, conf, y, out_dir, names=None, one_sheet_max=20, 
 # -----------------------------------------------------------------------------
 # scoring
 t0 = time.time()
-eval_tf = data.eval_transform(dataset_name, train_args["size"], MEAN, STD)
+eval_tf = data.eval_transform(dataset_name, size, MEAN, STD)
 try:
     eval_ds = load_split("eval", eval_tf)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(str(e)) from None
 eval_f, eval_logits, eval_y = extract(eval_ds)
-pred = eval_logits.argmax(1).cpu().numpy()
+pred = eval_logits.argmax(1).cpu().numpy() if heads else None
 y = eval_y.cpu().numpy()
 # class names: a folder's sub-folders, ImageNet's folder names, or the named datasets' classes
 class_names = getattr(eval_ds, "classes", None) or data.DATASETS[dataset_name].get("names")
@@ -377,13 +396,16 @@ labelled = bool((y >= 0).all())
 if dataset_name == "folder":
     num_classes = len(eval_ds.classes) if labelled else None
     if not labelled:  # no labels: every metric that needs them is skipped
+        if not heads:
+            raise SystemExit(f"{args.ckpt} has no heads and {data_dir} no classes: nothing to score")
         args.no_knn = args.no_linear = args.no_kmeans = True
     elif len(set(data.folder_splits(data_dir))) == 1 and not (args.no_knn and args.no_linear):
         # kNN and the probe would be fitted on the images they are scored on
         print0("no DIR/train and DIR/val: kNN and the linear probe skipped (they need a held-out split)")
         args.no_knn = args.no_linear = True
-results = metrics.cluster_metrics(y, pred) if labelled else {}
-results["classes_used"] = int(len(np.unique(pred)))
+results = metrics.cluster_metrics(y, pred) if labelled and heads else {}
+if heads:
+    results["classes_used"] = int(len(np.unique(pred)))
 results["num_eval"] = len(y)
 if not (args.no_knn and args.no_linear):
     train_f, _, train_y = extract(load_split("train_labeled", eval_tf))
@@ -408,18 +430,21 @@ results["seconds"] = round(time.time() - t0, 1)
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=ckpt["epoch"], **results)
-    results["class_sizes"] = np.bincount(pred, minlength=train_args["cls_sizes"][0]).tolist()  # images per class of head 0
+    results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=epoch, size=size,
+                   precision="bf16" if args.bf16 else "fp32", **results)
+    if heads:
+        results["class_sizes"] = np.bincount(pred, minlength=train_args["cls_sizes"][0]).tolist()  # images per class of head 0
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
-    conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
-    np.savez(os.path.join(out_dir, "predictions.npz"), label=y, pred=pred, confidence=conf)
     for k, v in results.items():
         print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
-    if dataset_name == "folder":
+    if heads:
+        conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
+        np.savez(os.path.join(out_dir, "predictions.npz"), label=y, pred=pred, confidence=conf)
+    if heads and dataset_name == "folder":
         write_clusters(eval_ds, pred, conf, os.path.join(out_dir, "clusters.csv"))
         print(f"wrote {os.path.join(out_dir, 'clusters.csv')}: the class of each of {len(pred):,} images")
-    if not args.no_figures:
+    if heads and not args.no_figures:
         import matplotlib
         matplotlib.use("Agg")
         if dataset_name == "folder":

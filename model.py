@@ -206,3 +206,245 @@ def load_checkpoint(path, map_location="cpu"):
     except pickle.UnpicklingError as e:
         raise SystemExit(f"{path} is not a plain checkpoint of tensors and Python values; refusing to load it "
                          f"(it may carry code). Details: {str(e).splitlines()[0]}") from None
+
+
+# -----------------------------------------------------------------------------
+# published networks: the authors' Self-Classifier file, TWIST's and SeLa's ResNets, torchvision's (the
+# layouts: docs/experiments.md, "starting from a published model")
+
+
+class Unread:
+    """Built by the unpickler in place of a pickled object whose class or function is not on torch's
+    weights_only allowlist (the authors' utils.NNQueue, TWIST's argparse.Namespace): the named code is
+    neither imported nor called, and the object's state is dropped."""
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def unread_names(obj):
+    """The pickled names of the Unread placeholders anywhere inside obj (dict keys included)."""
+    if isinstance(obj, Unread):
+        return {type(obj).name}
+    if isinstance(obj, dict):
+        return set().union(*map(unread_names, obj.keys()), *map(unread_names, obj.values()))
+    if isinstance(obj, (list, tuple, set)):
+        return set().union(*map(unread_names, obj))
+    return set()
+
+
+def unpickler_error(e):
+    # the reason inside torch's weights_only message, which wraps it in advice
+    text = str(e).split("WeightsUnpickler error:")[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:200]
+
+
+def read_torch_file(path):
+    """torch.load with weights_only=True, to the CPU; where the pickle names classes or functions off torch's
+    allowlist, each becomes an Unread placeholder, so no pickled code is imported or run. Modules torch
+    blocks outright (os, sys) stay refused. Stops with one message for anything that is not such a file."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        error = unpickler_error(e)
+    except Exception as e:  # a directory, a truncated download
+        raise SystemExit(f"{path}: not a file torch.save wrote ({type(e).__name__}: {unpickler_error(e)})") from None
+    try:  # a static scan of the pickle's opcodes: nothing is imported or run
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not torch.save's zip format: the legacy format, or not a checkpoint at all
+        names = None
+        if not any(w in error for w in ("GLOBAL", "blocked", "reduce", "allowlisted")):
+            raise SystemExit(f"{path}: not a file torch.save wrote ({error})") from None
+    if names:
+        stand_ins = [(type("Unread", (Unread,), {"name": n}), n) for n in names]
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            error = unpickler_error(e)
+    raise SystemExit(f"{path}: refusing to load it (it may carry code): its pickle names "
+                     f"{', '.join(names or []) or 'objects torch does not allow'}; {error}")
+
+
+def strip_prefix(sd, prefix):
+    # the keys below prefix, without it ("module." of DDP, "backbone." of a wrapped network)
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def is_state_dict(x):
+    return isinstance(x, dict) and len(x) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in x.items())
+
+
+def unwrap_ddp(sd):
+    return strip_prefix(sd, "module.") if all(k.startswith("module.") for k in sd) else sd
+
+
+def torchvision_resnet(sd):
+    """'resnetN' where sd's keys, fc aside, are exactly those of torchvision's ResNet-N; None if they are not."""
+    if "conv1.weight" not in sd or "layer4.0.conv1.weight" not in sd:
+        return None
+    blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    bottleneck = "layer1.0.conv3.weight" in sd
+    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((blocks, bottleneck))
+    if depth is None:
+        return None
+    with torch.device("meta"):  # the key set without initialising any weight
+        want = getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+    same = {k for k in sd if not k.startswith("fc.")} == {k for k in want if not k.startswith("fc.")}
+    return f"resnet{depth}" if same else None
+
+
+def describe(obj, n=6):
+    # what a file holds, for a refusal: top-level keys and the first few names below them
+    if is_state_dict(obj):
+        return f"a state_dict of {len(obj)} tensors, first names {list(obj)[:n]}"
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict"
+    text = f"top-level keys {list(map(str, obj))[:12]}"
+    for k, v in obj.items():
+        if isinstance(v, dict) and v:
+            text += f"; under {k!s}: {list(map(str, v))[:n]}"
+    return text
+
+
+def read_pretrained(path):
+    """Read a network from a file, recognised by its content, never by its name:
+    this project's checkpoint; the authors' Self-Classifier .pth.tar (backbone, projection MLP, weight-
+    normalised heads); TWIST's "backbone only" and "full ckpt" files; SeLa's torchvision-format files; a
+    torchvision ResNet state_dict, with or without DDP's "module.". Returns a dict:
+    kind (words), config (the build_model arguments), state (the weights in this project's keys: backbone.*
+    always, mlp.* and heads.* where the file has them), epoch (or None), ckpt (this project's checkpoint
+    itself, else None) and report (what was loaded and what left out, to print). Stops with one message,
+    naming what the file holds, when it is none of these."""
+    obj = read_torch_file(path)
+    top = obj if isinstance(obj, dict) and not is_state_dict(obj) else {}
+    # this project's checkpoint: its arguments are a plain dict
+    if isinstance(top.get("args"), dict) and "cls_sizes" in top["args"] and is_state_dict(top.get("model")):
+        unread = unread_names(obj)
+        if unread:
+            raise SystemExit(f"{path}: refusing to load it (it may carry code): it holds pickled "
+                             f"{', '.join(sorted(unread))}")
+        a = obj["args"]
+        kind = f"this project's checkpoint ({a['method']}, {a['arch']}, epoch {obj.get('epoch')})"
+        return dict(kind=kind, config=a, state=obj["model"], epoch=obj.get("epoch"), ckpt=obj,
+                    report=f"read {path}: {kind}")
+    config = dict(in_chans=3, small_stem=False, width=32, mlp_layers=0, mlp_hidden=4096, mlp_out=0, cls_sizes=[],
+                  method="self_classifier")
+    sd, model_sd = (unwrap_ddp(top[k]) if is_state_dict(top.get(k)) else {} for k in ("state_dict", "model"))
+    plain = unwrap_ddp(obj) if is_state_dict(obj) else {}
+    epoch = top.get("epoch") if isinstance(top.get("epoch"), int) else None
+    notes = dict(optimizer="training state", scaler="training state", nn_queue="the training queue")
+    state, parts, used = None, [], {"epoch"}
+
+    def backbone(sd):
+        arch = torchvision_resnet(sd)
+        if arch not in ARCHS:
+            raise SystemExit(f"{path}: a torchvision {arch}; this project builds "
+                             f"{', '.join(a for a in ARCHS if a.startswith('resnet'))}")
+        config["arch"] = arch
+        return {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+
+    if any(k.startswith("cls_") for k in sd) and torchvision_resnet(strip_prefix(sd, "backbone.")):
+        # the authors' Self-Classifier: backbone.*, mlp_head.mlp.* and cls_{i}.weight_{g,v}
+        kind, used = "the Self-Classifier authors' checkpoint", used | {"state_dict"}
+        state = backbone(strip_prefix(sd, "backbone."))
+        mlp = strip_prefix(sd, "mlp_head.mlp.")
+        linears = [v for k, v in mlp.items() if k.endswith("weight") and v.dim() == 2]
+        config["mlp_out"] = 2048 if config["arch"] == "resnet50" else 512  # no MLP: the heads read the backbone
+        if mlp:
+            config.update(mlp_layers=len(linears), mlp_hidden=linears[0].shape[0], mlp_out=linears[-1].shape[0])
+            # one Linear is the module itself ("mlp_head.mlp.weight"); more are numbered as in ProjectionMLP
+            state.update({f"mlp.net.{'0.' if len(linears) == 1 else ''}{k}": v for k, v in mlp.items()})
+            parts.append(f"projection MLP {linears[0].shape[1]}-{'-'.join(str(w.shape[0]) for w in linears)} "
+                         f"({len(mlp)} tensors)")
+        heads = sorted(int(k.split(".")[0][4:]) for k in sd if k.startswith("cls_") and k.endswith(".weight_v"))
+        for i in heads:
+            state[f"heads.{i}.v"] = sd[f"cls_{i}.weight_v"]
+            state[f"heads.{i}.g"] = sd[f"cls_{i}.weight_g"].reshape(-1)  # weight_norm keeps g as [C, 1]
+        config["cls_sizes"] = [sd[f"cls_{i}.weight_v"].shape[0] for i in heads]
+        parts.append(f"weight-normalised heads of {' '.join(map(str, config['cls_sizes']))} classes")
+        extra = [k for k in sd if not k.startswith(("backbone.", "mlp_head.mlp.", "cls_"))]
+        if extra:
+            raise SystemExit(f"{path}: the Self-Classifier authors' layout, with names it does not have: {extra[:6]}")
+    elif any(k.startswith("projection_heads.") for k in model_sd) \
+            and torchvision_resnet(strip_prefix(model_sd, "backbone.")):
+        kind, used = "TWIST's full checkpoint", used | {"model"}
+        state = backbone(strip_prefix(model_sd, "backbone."))
+        parts.append("model's projection_heads left out (TWIST's head has no counterpart here)")
+        notes["backbone"] = "the backbone is read from model"
+    elif any("top_layer" in k for k in plain or sd) and any("features." in k for k in plain or sd):
+        raise SystemExit(f"{path}: SeLa's pre-activation ResNet-50 (features.*, top_layer*), which does not load "
+                         f"into torchvision's ResNet; SeLa's Aug++ files (resnet50-1k_pp.pth, ...) do")
+    else:
+        # a torchvision ResNet: the file itself (TWIST's "backbone only"), or under state_dict (SeLa's Aug++)
+        for where, cand in (("", plain), ("state_dict", sd), ("model", model_sd)):
+            if torchvision_resnet(cand):
+                kind = "a torchvision ResNet state_dict" + (f" under {where!r}" if where else "")
+                state, used = backbone(cand), used | {where}
+                if "fc.weight" in cand:
+                    parts.append(f"fc left out ({cand['fc.weight'].shape[0]} classes on the backbone feature: no "
+                                 f"counterpart after a projection MLP)")
+                break
+    if state is None:
+        raise SystemExit(f"{path}: not a checkpoint this project can read: {describe(obj)}")
+    report = (f"read {path}: {kind}{f', epoch {epoch}' if epoch is not None else ''}\n  loaded: backbone "
+              f"{config['arch']} ({sum(k.startswith('backbone.') for k in state)} tensors)"
+              + "".join(f"; {p}" for p in parts))
+    rest = []
+    for k, v in top.items():
+        if k not in used:
+            unread = unread_names(v)
+            why = f"a pickled {', '.join(sorted(unread))}, neither imported nor run" if unread else notes.get(k)
+            rest.append(f"{k} ({why})" if why else str(k))
+    if rest:
+        report += f"\n  left out: {', '.join(rest)}"
+    return dict(kind=kind, config=config, state=state, epoch=epoch, ckpt=None, report=report)
+
+
+def build_pretrained(pre):
+    """The model a read_pretrained result describes, its weights loaded (strict: the layout must be whole)."""
+    model = build_model(pre["config"])
+    try:
+        model.load_state_dict(pre["state"])
+    except RuntimeError as e:
+        raise SystemExit(f"the file's weights do not fit the network its layout describes: "
+                         f"{' '.join(str(e).split())[:400]}") from None
+    return model
+
+
+def init_from(model, pre):
+    """Start model from a read_pretrained result: the backbone always (its shapes must match), the projection
+    MLP where every shape matches, and each head whose shape matches where the MLP was taken too (a head
+    reads the MLP's embedding). Returns (taken, new): descriptions to print."""
+    own, src = model.state_dict(), pre["state"]
+
+    def fits(keys):
+        return all(k in src and src[k].shape == own[k].shape for k in keys)
+
+    back = [k for k in own if k.startswith("backbone.")]
+    if not fits(back):
+        bad = [k for k in back if k not in src or src[k].shape != own[k].shape][:3]
+        raise SystemExit(f"--init: its backbone ({pre['config']['arch']}) does not fit this run's "
+                         f"({', '.join(f'{k}: {tuple(own[k].shape)} here' for k in bad)}); a 3-channel --size "
+                         f"above 32 keeps torchvision's stem")
+    take, taken, new = back, ["backbone"], []
+    mlp = [k for k in own if k.startswith("mlp.")]
+    mlp_ok = fits(mlp) and len(mlp) == sum(k.startswith("mlp.") for k in src)
+    (taken if mlp_ok else new).append("projection MLP")
+    take = take + (mlp if mlp_ok else [])
+    for i, head in enumerate(model.heads):
+        keys = [f"heads.{i}.v", f"heads.{i}.g"]
+        ok = mlp_ok and fits(keys)
+        (taken if ok else new).append(f"head {i} ({head.v.shape[0]} classes)")
+        take = take + (keys if ok else [])
+    model.load_state_dict({**own, **{k: src[k] for k in take}})
+    return taken, new

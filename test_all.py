@@ -388,6 +388,256 @@ def test_queue_nearest_neighbour_excludes_own_index():
 
 
 # -----------------------------------------------------------------------------
+# published networks: files in the layouts the authors released (random weights), read by model.read_pretrained
+
+
+def random_resnet(arch="resnet50", seed=0):
+    """A torchvision ResNet without fc, its BatchNorm parameters and statistics moved off their defaults, so
+    that one loaded into the wrong place changes the output."""
+    import torchvision
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)()
+    net.fc = nn.Identity()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def authors_network():
+    """The authors' Self-Classifier network built from torch modules alone: torchvision's ResNet-50, the MLP
+    Linear(2048, 4096) -> BatchNorm1d -> LeakyReLU -> Linear(4096, 128), and heads of 1000, 2000, 4000, 8000
+    classes weight-normalised over dim 0 without bias, g random; plus the file's state_dict in its layout."""
+    net = random_resnet()
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(2048, 4096), nn.BatchNorm1d(4096), nn.LeakyReLU(), nn.Linear(4096, 128)).eval()
+    with torch.no_grad():
+        mlp[1].running_mean.uniform_(-0.1, 0.1), mlp[1].running_var.uniform_(0.5, 1.5), mlp[1].weight.uniform_(0.5, 1.5)
+    heads = [nn.utils.parametrizations.weight_norm(nn.Linear(128, c, bias=False)) for c in (1000, 2000, 4000, 8000)]
+    sd = {f"module.backbone.{k}": v for k, v in net.state_dict().items()}
+    sd.update({f"module.mlp_head.mlp.{k}": v for k, v in mlp.state_dict().items()})
+    for i, h in enumerate(heads):
+        with torch.no_grad():
+            h.parametrizations.weight.original0.uniform_(0.5, 2.0)  # g, [C, 1]
+        sd[f"module.cls_{i}.weight_g"] = h.parametrizations.weight.original0.detach().clone()
+        sd[f"module.cls_{i}.weight_v"] = h.parametrizations.weight.original1.detach().clone()
+    return net, mlp, heads, sd
+
+
+class AuthorsQueue:
+    """Pickled under the authors' name, utils.NNQueue, which no module here provides."""
+    def __init__(self):
+        self.queue, self.queue_indices, self.ptr = torch.randn(8, 128), torch.arange(8), 3
+
+
+class OpenFile:
+    def __reduce__(self):  # unpickling it would create the file
+        return (open, (os.environ["SC_MARKER"], "w"))
+
+
+class RunShell:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['SC_MARKER']}",))
+
+
+def save_authors_file(path, state_dict, nn_queue=None):
+    """A file in the layout of the authors' model_800.pth.tar: their train.py's save_checkpoint dict."""
+    import types
+    utils = types.ModuleType("utils")  # present while pickling only, as the authors' module was
+    utils.NNQueue = AuthorsQueue
+    AuthorsQueue.__module__, AuthorsQueue.__qualname__ = "utils", "NNQueue"
+    sys.modules["utils"] = utils
+    try:
+        torch.save(dict(epoch=800, arch="resnet50", state_dict=state_dict, best_loss=4.2,
+                        nn_queue=AuthorsQueue() if nn_queue is None else nn_queue,
+                        optimizer=dict(state={}, param_groups=[dict(lr=0.0032, params=list(range(335)))])), path)
+    finally:
+        del sys.modules["utils"]
+        AuthorsQueue.__module__, AuthorsQueue.__qualname__ = __name__, "AuthorsQueue"
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def authors_file(authors_network, tmp_path_factory):
+    return save_authors_file(tmp_path_factory.mktemp("published") / "model_800.pth.tar", authors_network[3])
+
+
+def test_authors_self_classifier_file_gives_the_authors_forward(authors_network, authors_file):
+    from model import build_pretrained, read_pretrained
+    net, mlp, heads, _ = authors_network
+    pre = read_pretrained(authors_file)
+    assert "utils" not in sys.modules  # the queue's module was never imported
+    assert pre["config"]["cls_sizes"] == [1000, 2000, 4000, 8000] and pre["epoch"] == 800
+    assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in pre["report"]
+    assert "projection MLP 2048-4096-128" in pre["report"] and "optimizer" in pre["report"]
+    ours = build_pretrained(pre).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = net(x)
+        z = F.normalize(mlp(feats), dim=1, eps=1e-7)
+        f, logits = ours.predict(x)
+    torch.testing.assert_close(f, feats, rtol=0, atol=1e-5)
+    for head, got in zip(heads, logits):
+        with torch.no_grad():
+            torch.testing.assert_close(got, head(z), rtol=0, atol=1e-5)
+
+
+def test_twist_sela_and_torchvision_backbones_give_torchvision_features(authors_network, tmp_path):
+    import argparse
+    from model import build_pretrained, read_pretrained
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    net50, net18 = authors_network[0], random_resnet("resnet18", 3)  # the released files: ResNet-50 and -18
+    sd50, sd18 = net50.state_dict(), net18.state_dict()
+    twist = {f"backbone.{k}": v for k, v in sd50.items()}  # with TWIST's head, shortened: it is left out
+    twist.update({"projection_heads.projection_head.0.weight": torch.randn(16, 2048),
+                  "projection_heads.norm.running_mean": torch.zeros(16)})
+    files = {  # name: (object saved, network, words of the report)
+        "twist_backbone_only.pth": (sd18, net18, "a torchvision ResNet state_dict"),
+        "twist_full_ckpt.pth": (dict(model={f"module.{k}": v for k, v in twist.items()},
+                                     backbone=sd50, optimizer={}, epoch=800, scaler={},
+                                     args=argparse.Namespace(arch="resnet50")), net50, "TWIST's full checkpoint"),
+        "sela_resnet18-1k_pp.pth": (dict(state_dict=sd18 | {"fc.weight": torch.randn(1000, 512),
+                                                             "fc.bias": torch.zeros(1000)},
+                                         labels=torch.zeros(9, dtype=torch.long)), net18, "under 'state_dict'"),
+        "torchvision_ddp.pth": ({f"module.{k}": v for k, v in sd18.items()}, net18, "a torchvision ResNet"),
+    }
+    for name, (obj, net, words) in files.items():
+        torch.save(obj, tmp_path / name)
+        pre = read_pretrained(str(tmp_path / name))
+        assert words in pre["report"] and pre["config"]["cls_sizes"] == [], (name, pre["report"])
+        with torch.no_grad():
+            torch.testing.assert_close(build_pretrained(pre).eval().backbone(x), net(x), rtol=0, atol=1e-5)
+    report = read_pretrained(str(tmp_path / "twist_full_ckpt.pth"))["report"]
+    assert "args (a pickled argparse.Namespace, neither imported nor run)" in report and "projection_heads" in report
+    assert "fc left out (1000 classes" in read_pretrained(str(tmp_path / "sela_resnet18-1k_pp.pth"))["report"]
+
+
+def test_pickled_code_in_the_queue_never_runs(authors_network, tmp_path, monkeypatch):
+    from model import read_pretrained
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("SC_MARKER", str(marker))
+    _, _, _, sd = authors_network
+    # a callable off torch's allowlist: a placeholder is built in its place, the file loads without its queue
+    pre = read_pretrained(save_authors_file(tmp_path / "open.pth.tar", sd, nn_queue=OpenFile()))
+    assert "nn_queue (a pickled io.open, neither imported nor run)" in pre["report"], pre["report"]
+    assert pre["config"]["cls_sizes"] == [1000, 2000, 4000, 8000] and not marker.exists()
+    # a module torch blocks outright (os): the whole file is refused, in one message
+    with pytest.raises(SystemExit, match=r"refusing to load it \(it may carry code\).*posix.system"):
+        read_pretrained(save_authors_file(tmp_path / "shell.pth.tar", sd, nn_queue=RunShell()))
+    # this project's own checkpoint holding pickled code is refused, whatever the code
+    ours = dict(model={"w": torch.zeros(1)}, args=dict(cls_sizes=[2]), epoch=1, extra=OpenFile())
+    torch.save(ours, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"refusing to load it \(it may carry code\): it holds pickled io.open"):
+        read_pretrained(str(tmp_path / "ckpt.pt"))
+    assert not marker.exists()
+
+
+def test_unknown_files_are_refused_in_one_message(tmp_path):
+    from model import read_pretrained
+    import torchvision
+    with torch.device("meta"):
+        resnet101_keys = list(torchvision.models.resnet101().state_dict())
+    sela_raw = {"module.features.0.weight": torch.zeros(64, 3, 7, 7), "module.top_layer0.weight": torch.zeros(30, 8)}
+    cases = {
+        "vit.pth": (dict(model={"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8)}, epoch=3),
+                    "not a checkpoint this project can read: top-level keys ['model', 'epoch']; under model: "
+                    "['cls_token', 'pos_embed']"),
+        "weights.pt": ({"linear.weight": torch.zeros(2, 2)},
+                       "a state_dict of 1 tensors, first names ['linear.weight']"),
+        "resnet101.pth": ({k: torch.zeros(1) for k in resnet101_keys}, "a torchvision resnet101; this project builds "
+                          "resnet18, resnet50"),
+        "resnet-10x3k.pth": (sela_raw, "SeLa's pre-activation ResNet-50"),
+        "list.pt": ([torch.zeros(1)], "a list, not a dict"),
+    }
+    for name, (obj, words) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(SystemExit) as e:
+            read_pretrained(str(tmp_path / name))
+        assert words in str(e.value), (name, str(e.value))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match="notes.txt: not a file torch.save wrote"):
+        read_pretrained(str(tmp_path / "notes.txt"))
+
+
+def test_init_keeps_what_fits_and_makes_new_heads(authors_network, authors_file):
+    from model import init_from, read_pretrained
+    pre = read_pretrained(authors_file)
+    torch.manual_seed(0)
+    model = SelfClassifier("resnet50", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 36))
+    fresh = model.heads[1].v.detach().clone()
+    taken, new = init_from(model, pre)
+    assert taken == ["backbone", "projection MLP", "head 0 (1000 classes)"] and new == ["head 1 (36 classes)"]
+    for k, v in model.state_dict().items():
+        if k.startswith(("backbone.", "mlp.", "heads.0.")):
+            assert torch.equal(v, pre["state"][k]), k
+    assert torch.equal(model.heads[1].v, fresh)
+    # another MLP: the backbone alone (heads read the MLP's embedding, so none is kept)
+    other = SelfClassifier("resnet50", mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=(1000,))
+    assert init_from(other, pre) == (["backbone"], ["projection MLP", "head 0 (1000 classes)"])
+    with pytest.raises(SystemExit, match="--init: its backbone \\(resnet50\\) does not fit"):
+        init_from(SelfClassifier("resnet18", cls_sizes=(10,)), pre)
+
+
+@slow
+def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, authors_file, tmp_path):
+    root = make_jpeg_folder(str(tmp_path / "imagenet"))
+    flags = ("--dataset", "imagenet", "--data_dir", root, "--size", "64", "--linear_protocol", "fast",
+             "--linear_epochs", "5", "--workers", "0")
+    printed = run([PY, "evaluate.py", "--ckpt", authors_file, "--out_dir", str(tmp_path / "sc"), *flags])
+    assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in printed
+    m = json.load(open(tmp_path / "sc" / "metrics.json"))
+    expected = {"nmi", "ami", "ari", "acc", "knn_top1", "knn_top1_k10", "knn_top1_k20", "linear_top1",
+                "linear_top1_fast", "kmeans_nmi", "kmeans_ami", "kmeans_ari", "kmeans_acc"}
+    assert expected <= set(m) and m["epoch"] == 800 and m["precision"] == "fp32" and m["num_eval"] == 12, m
+    assert len(m["class_sizes"]) == 1000 and os.path.exists(tmp_path / "sc" / "examples.png")
+    # head 0's predictions are the independent network's on the same center crops, in float32
+    net, mlp, heads, _ = authors_network
+    ds = data.build_dataset("imagenet", root, "eval", data.eval_transform("imagenet", 64))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        want = heads[0](F.normalize(mlp(net(x)), dim=1, eps=1e-7)).argmax(1).numpy()
+    saved = np.load(tmp_path / "sc" / "predictions.npz")
+    assert (saved["pred"] == want).all() and (saved["label"] == [ds[i][1] for i in range(len(ds))]).all()
+    assert cluster_metrics(saved["label"], want) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
+    # a backbone alone (TWIST's "backbone only"): kNN, the probe and k-means, no head to score; bf16 on request
+    torch.save(net.state_dict(), tmp_path / "twist_r50.pth")
+    run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"), "--bf16",
+         *flags])
+    m = json.load(open(tmp_path / "twist" / "metrics.json"))
+    assert {"knn_top1", "linear_top1", "kmeans_acc"} <= set(m) and "nmi" not in m and "class_sizes" not in m
+    assert m["precision"] == "bf16"
+    assert not os.path.exists(tmp_path / "twist" / "predictions.npz")
+    [err] = fails([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth")])
+    assert "is a published network, which names no data: give --dataset and --data_dir" in err
+
+
+@slow
+def test_train_from_a_published_network_on_a_folder_then_resume(authors_file, tmp_path):
+    from model import read_pretrained
+    root = make_jpeg_folder(str(tmp_path / "photos"))
+    out = str(tmp_path / "run")
+    cmd = [PY, "train.py", "--dataset", "folder", "--data_dir", root, "--out_dir", out, "--cls_sizes", "3", "6",
+           "--batch_size", "12", "--workers", "0", "--eval_every", "0", "--log_every", "1", "--init", authors_file]
+    log = run(cmd + ["--epochs", "1", "--lr", "0"])
+    assert "--init: kept backbone, projection MLP; new: head 0 (3 classes), head 1 (6 classes)" in log, log
+    assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in log and "step 3/3" in log
+    pre = read_pretrained(authors_file)
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["args"]["arch"] == "resnet50" and ckpt["args"]["mlp_hidden"] == 4096  # the file's, not the recipe's
+    for k in ("backbone.conv1.weight", "backbone.layer4.2.conv3.weight", "mlp.net.0.weight", "mlp.net.3.bias"):
+        assert torch.equal(ckpt["model"][k], pre["state"][k]), k  # lr 0: still the file's weights
+    # the same command again resumes: the checkpoint wins, the file is not read again, --init stays on record
+    log = run(cmd + ["--epochs", "2"])
+    assert "resumed from" in log and "step 6/6" in log and "--init: kept" not in log, log
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and not torch.equal(ckpt["model"]["mlp.net.0.weight"], pre["state"]["mlp.net.0.weight"])
+    assert json.load(open(f"{out}/args.json"))["init"] == authors_file
+
+
+# -----------------------------------------------------------------------------
 # data: the on-disk formats of torchvision, written by the tests; torchvision's own readers agree
 
 

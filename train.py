@@ -2,6 +2,8 @@
 
     python train.py --dataset synthetic                       # a laptop CPU, under a minute
     python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120   # your own pictures
+    python train.py --dataset folder --data_dir ~/photos --cls_sizes 12 36 120 --init model_800.pth.tar
+                                            # the same from the authors' network: its backbone and MLP, new heads
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data_dir /path/to/imagenet
 Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 saves the step in flight and
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
@@ -22,7 +24,7 @@ import data
 import loss as losses
 import metrics
 from lars import LARS
-from model import NNQueue, build_model, load_checkpoint, sync_bn_groups
+from model import NNQueue, build_model, init_from, load_checkpoint, read_pretrained, sync_bn_groups
 from preempt import REQUEUE_STATUS, StopSignal
 
 # -----------------------------------------------------------------------------
@@ -48,6 +50,10 @@ parser.add_argument("--recipe", default=None, choices=["bs2048", "100ep", "800ep
                     "...); TWIST takes its batch and epochs; SeLa has its authors' run instead")
 parser.add_argument("--dry_run", action="store_true", help="print the settings after the recipe as JSON and exit")
 # model
+parser.add_argument("--init", default=None, help="start from the network in this file: a published one (what "
+                    "evaluate.py --ckpt reads) or a train.py checkpoint. Its backbone always, its projection MLP and "
+                    "heads where their shapes match this run's, new ones otherwise; --arch and the MLP sizes default "
+                    "to the file's. A resume ignores it: the checkpoint wins")
 parser.add_argument("--arch", default=None, help="resnet18, resnet50, alexnet or cnn (a 4-conv network for CPUs)")
 parser.add_argument("--width", type=int, default=None, help="channels of the first conv of --arch cnn (x2, x4, x8 after)")
 parser.add_argument("--mlp_layers", type=int, default=None, help="Linear layers of the projection MLP (0 = none)")
@@ -188,6 +194,31 @@ METHOD_RECIPES = {
     ("cifar10", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
     ("cifar100", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
 }
+# --init: the network's shape comes from the file, or on a resume from the checkpoint, which wins over --init
+args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
+ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+resume = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+init, init_note = None, None
+if resume is not None and resume["args"].get("init"):
+    if args.init and args.init != resume["args"]["init"]:
+        init_note = f"--init {args.init} not used: resuming {ckpt_path}, which started from {resume['args']['init']}"
+    args.init = resume["args"]["init"]
+    shape = {k: resume["args"][k] for k in ("arch", "width", "mlp_layers", "mlp_hidden", "mlp_out")}
+elif args.init and resume is not None:
+    init_note, args.init, shape = f"--init {args.init} not used: resuming {ckpt_path}, which started afresh", None, {}
+elif args.init:
+    if not os.path.isfile(args.init):
+        raise SystemExit(f"--init {args.init}: no such file")
+    init = read_pretrained(args.init)
+    c = init["config"]
+    # a backbone alone gives the arch only
+    shape = dict(arch=c["arch"], **({"width": c["width"]} if c["arch"] == "cnn" else {}),
+                 **{k: c[k] for k in ("mlp_layers", "mlp_hidden", "mlp_out") if c["mlp_layers"]})
+else:
+    shape = {}
+for k, v in shape.items():
+    if getattr(args, k) is None:
+        setattr(args, k, v)
 if args.dataset == "imagenet":
     if args.method == "sela" and args.recipe:
         raise SystemExit(f"--recipe {args.recipe}: the recipes are Self-Classifier's published runs; SeLa on imagenet "
@@ -214,7 +245,6 @@ if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
     raise SystemExit(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < LO <= HI <= 1")
 if args.no_prior and args.method != "self_classifier":
     raise SystemExit(f"--no_prior removes Self-Classifier's prior; --method {args.method} has none")
-args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 if args.channels is not None and args.dataset != "folder":
     raise SystemExit(f"--channels is for --dataset folder; {args.dataset} has {data.DATASETS[args.dataset]['chans']}")
 args.in_chans = args.channels or data.DATASETS[args.dataset]["chans"]
@@ -331,6 +361,13 @@ steps_per_epoch, total_steps = sampler.steps, sampler.steps * args.epochs
 # -----------------------------------------------------------------------------
 # model, optimiser, queue
 model = build_model(vars(args))
+if init is not None:
+    taken, new = init_from(model, init)
+    print0(init["report"])
+    print0(f"--init: kept {', '.join(taken)}; new: {', '.join(new) or 'nothing'}")
+    del init
+if init_note:
+    print0(init_note)
 
 
 def sync_bn(module, size):
@@ -367,7 +404,6 @@ if args.method == "sela":
     relabel_steps = {int(total_steps * f) for f in relabel_points()}
 
 # resume: the same command again continues from the checkpoint, or refuses with the differences
-ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
               "size", "local_size", "crop_scale", "seed", "precision",
@@ -375,8 +411,8 @@ MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_d
 # what checkpoints older than a flag trained with
 BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
 start_step = 0
-if os.path.exists(ckpt_path):
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
+if resume is not None:
+    ckpt, resume = resume, None
     # a setting added after the checkpoint was written: what such runs trained with, else the flag's default
     keys = MUST_MATCH + (("folder_files",) if args.dataset == "folder" else ())
     old = {k: ckpt["args"].get(k, BEFORE_FLAG.get(k, parser.get_default(k))) for k in keys}
