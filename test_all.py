@@ -1110,7 +1110,7 @@ def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path, monkeypatch
     for m, log in zip(methods, logs):
         ckpt = torch.load(tmp_path / m / "ckpt.pt", weights_only=True)
         assert ckpt["queue"] is None and ckpt["args"]["queue_len"] == 0, m
-    assert "relabelled: Sinkhorn-Knopp iterations per head [" in logs[1]
+    assert "img/s) | Sinkhorn-Knopp iterations per head [" in logs[1]  # the relabelling pass's closing line
     err = dry_run(monkeypatch, capsys, *flags, "--method", "twist", "--queue_len", "12")
     assert "--queue_len 12: the nearest-neighbour queue is Self-Classifier's; twist never uses one" in err
     assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")["queue_len"] == 0

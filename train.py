@@ -24,6 +24,7 @@ import metrics
 from lars import LARS
 from model import NNQueue, build_model, load_checkpoint, sync_bn_groups
 from preempt import REQUEUE_STATUS, StopSignal
+from progress import Progress, fmt_time
 
 # -----------------------------------------------------------------------------
 # arguments: None means "the dataset's recipe below"
@@ -391,11 +392,13 @@ def relabel():
     # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
     # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
     log_p = [[] for _ in args.cls_sizes]
+    progress = Progress("relabelling", len(label_set))
     for x, _, _ in loader_:
         with autocast:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             for h, logits in enumerate(raw_model.predict(x)[1]):
                 log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1).to("cpu", torch.float16))
+        progress.update(len(x) * world_size)  # rank 0's share stands for every process's
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
     iters = []
@@ -405,7 +408,7 @@ def relabel():
         log_p[h] = None
         labels = losses.all_gather_cat(F.pad(labels, (0, pad), value=-1))
         pseudo_labels[h, index[index >= 0]] = labels[index >= 0]
-    print0(f"relabelled: Sinkhorn-Knopp iterations per head {iters}")
+    progress.close(f"Sinkhorn-Knopp iterations per head {iters}")
     raw_model.train()
 
 
@@ -490,10 +493,6 @@ def exit_for_requeue(step):
     print0(f"stopped by {stop.name} after step {step}/{total_steps}: saved {ckpt_path}; the same command resumes "
            f"from this step (exit status {REQUEUE_STATUS})")
     raise SystemExit(REQUEUE_STATUS)
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 # -----------------------------------------------------------------------------
