@@ -7,6 +7,7 @@ Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -357,7 +358,13 @@ raw_model = model
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+    # BatchNorm statistics are not broadcast from rank 0 before each forward: on a CPU each process keeps its
+    # own, on CUDA SyncBatchNorm makes them the same within each --bn_group; checkpoints hold rank 0's. torch 2.13
+    # renamed the switch (the old name warns), and the new one also broadcasts them once here: a no-op, as every
+    # process built the same model or loaded the same checkpoint.
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = dict(forward_sync_buffers=False) if new_name else dict(broadcast_buffers=False)
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None, **no_sync)
 
 
 def lr_at(step):
