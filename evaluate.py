@@ -267,12 +267,13 @@ def linear_probe(train_f, train_y, test_f, test_y):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * sampler.steps)
     progress = Progress("linear probe", args.linear_epochs * sampler.steps, "step")
 
+    seen = 0  # this process's images in the epoch; their summed loss and correct predictions stay on the device
+
     def scores():  # rank 0's share of the epoch so far
-        return f"loss {loss_sum.item() / max(seen, 1):.4f} | train acc {correct.item() / max(seen, 1):.4f}"
+        return f"loss {loss_sum.item() / seen:.4f} | train acc {correct.item() / seen:.4f}" if seen else "no step"
 
     for epoch in range(args.linear_epochs):
         sampler.set_epoch(epoch)
-        # this process's images, summed loss and correct predictions in the epoch, on the device: no sync a step
         seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
         for x, y, _ in loader:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
