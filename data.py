@@ -261,7 +261,7 @@ class ImageFiles(torch.utils.data.Dataset):
         measure the mean and std of each channel (on thumbnails of at most side px). (unreadable files with
         the reason, mean, std)."""
         bad, total, total_sq, n = [], 0.0, 0.0, 0
-        progress = Progress(f"scan of {self.root}", len(self), "file")
+        progress = Progress(f"scan of {self.root}", len(self), "files")
         for i in range(len(self)):
             progress.update()
             try:

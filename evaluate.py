@@ -232,7 +232,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
         opt = torch.optim.Adam(clf.parameters(), lr=args.linear_lr or 1e-3)
         steps_per_epoch = -(-len(train_f) // 1024)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * steps_per_epoch)
-        progress = Progress("linear probe", args.linear_epochs * steps_per_epoch, "step")
+        progress = Progress("linear probe", args.linear_epochs * steps_per_epoch, "steps")
 
         def scores():  # the probe as it stands, on every training feature: a pass, paid for only when printed
             return "loss {:.4f} | train acc {:.4f}".format(*probe_scores(clf, train_f, train_y))
@@ -265,7 +265,7 @@ def linear_probe(train_f, train_y, test_f, test_y):
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=use_cuda)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * sampler.steps)
-    progress = Progress("linear probe", args.linear_epochs * sampler.steps, "step")
+    progress = Progress("linear probe", args.linear_epochs * sampler.steps, "steps")
 
     seen = 0  # this process's images in the epoch; their summed loss and correct predictions stay on the device
 
@@ -308,7 +308,7 @@ def probe_scores(clf, f, y, chunk=65536):
 
 def kmeans_scores(x, y, prefix):
     # scipy's k-means++ and 50 iterations with k = number of classes, scored with the clustering metrics
-    progress = Progress(prefix.replace("_", " ").replace("kmeans", "k-means"), 50, "iter")
+    progress = Progress(prefix.replace("_", " ").replace("kmeans", "k-means"), 50, "iters")
     assign = metrics.kmeans(x.astype(np.float64), num_classes, iters=50, seed=args.seed, progress=progress.update)
     stage_seconds[prefix] = round(progress.close(), 2)
     return {f"{prefix}_{k}": v for k, v in metrics.cluster_metrics(y, assign).items()}

@@ -1258,7 +1258,7 @@ def test_progress_lines_every_interval_from_rank_0(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("PROGRESS_SECONDS", "0")  # the interval from the environment, for tests and short runs
     monkeypatch.setenv("RANK", "0")
-    assert Progress("scan", 3, "file").every == 0
+    assert Progress("scan", 3, "files").every == 0
 
 
 def test_kmeans_an_iteration_at_a_time_is_scipys_kmeans2():
@@ -1290,8 +1290,9 @@ def test_folder_scan_prints_its_progress(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROGRESS_SECONDS", "0")
     bad, _, _ = data.ImageFiles(str(tmp_path), None).scan()
     lines = capsys.readouterr().out.splitlines()
-    assert bad == [] and [line.split(" | ")[0] for line in lines[:2]] == [f"scan of {tmp_path} {i}/3 file" for i in (1, 2)]
-    assert len(lines) == 3 and lines[2].startswith(f"scan of {tmp_path}: 3 file in ")
+    assert bad == [] and [line.split(" | ")[0] for line in lines[:2]] == [f"scan of {tmp_path} {i}/3 files"
+                                                                          for i in (1, 2)]
+    assert len(lines) == 3 and lines[2].startswith(f"scan of {tmp_path}: 3 files in ")
 
 
 def test_curves_only_does_not_import_torch(tmp_path):
@@ -1338,10 +1339,10 @@ def test_every_long_stage_prints_its_progress_and_time(tmp_path):
     assert stage_lines(log, "kNN (k 10 20)")[0] == [(1000, 2000)]
     # the probe: 5 steps of 1,024 features an epoch, a line after each epoch with its loss and training accuracy
     import re
-    probe = re.findall(r"^linear probe (\d+)/15 step \| ep (\d)/3 \| loss ([\d.]+) \| train acc ([\d.]+) \|", log, re.M)
+    probe = re.findall(r"^linear probe (\d+)/15 steps \| ep (\d)/3 \| loss ([\d.]+) \| train acc ([\d.]+) \|", log, re.M)
     assert [(int(s), int(e)) for s, e, _, _ in probe] == [(5, 1), (10, 2)]
     assert all(0 < float(loss) < 10 and 0 <= float(acc) <= 1 for _, _, loss, acc in probe)
-    assert re.search(r"^linear probe: 15 step in .* \| loss [\d.]+ \| train acc [\d.]+$", log, re.M)
+    assert re.search(r"^linear probe: 15 steps in .* \| loss [\d.]+ \| train acc [\d.]+$", log, re.M)
     assert stage_lines(log, "k-means")[0] == [(i, 50) for i in range(1, 50)]
     assert stage_lines(log, "k-means pixels")[0] == [(i, 50) for i in range(1, 50)]
     for name in ("features eval", "features train", "kNN (k 10 20)", "linear probe", "k-means", "k-means pixels"):
