@@ -1,10 +1,12 @@
 """Clustering metrics for Self-Classifier evaluation: NMI, AMI and ARI with scikit-learn's definitions and
 edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), Hungarian-matched ACC, and the
-weighted kNN classifier of the authors' knn_eval.py.
+weighted kNN classifier of the authors' knn_eval.py, and scipy's k-means an iteration at a time.
 """
 import numpy as np
 import torch
+from scipy.cluster.vq import kmeans2, vq
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
 from scipy.special import gammaln
 
 _EPS = np.finfo(np.float64).eps
@@ -265,12 +267,10 @@ def kmeans(x, k, iters=50, seed=0, progress=None):
     """scipy's kmeans2(x, k, iter=iters, minit="++", seed=seed) (k-means++, then Lloyd's iterations; an empty
     cluster keeps its centroid), one iteration at a time so that progress (called after each) can report:
     the same cluster of every sample. x: (N, D) float64 array; the (N,) cluster indices out."""
-    from scipy.cluster.vq import kmeans2, vq
     # kmeans2's own last step assigns every sample to the centroids of iteration 1: that is iteration 2's first half
     code, assign = kmeans2(x, k, iter=1, minit="++", seed=seed)
     if progress:
         progress(1)
-    from scipy.sparse import csr_matrix
     for _ in range(iters - 1):
         # the sums of each cluster's samples, added in sample order as scipy's update_cluster_means adds them
         # (the same centroids to the last bit): a (k, N) 0/1 matrix whose rows list each cluster's samples
