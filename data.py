@@ -14,6 +14,8 @@ from PIL import Image, ImageFilter, ImageOps, ImageStat
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
+from progress import Progress
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Per-dataset image facts and crop recipe. size/local_size: global and local crop sides in px;
@@ -259,7 +261,9 @@ class ImageFiles(torch.utils.data.Dataset):
         measure the mean and std of each channel (on thumbnails of at most side px). (unreadable files with
         the reason, mean, std)."""
         bad, total, total_sq, n = [], 0.0, 0.0, 0
+        progress = Progress(f"scan of {self.root}", len(self), "files")
         for i in range(len(self)):
+            progress.update()
             try:
                 img = self.load(i, draft=(side, side))
             except RuntimeError as e:
@@ -268,6 +272,7 @@ class ImageFiles(torch.utils.data.Dataset):
             img.thumbnail((side, side))
             x = np.asarray(img, dtype=np.float64).reshape(-1, self.channels) / 255
             total, total_sq, n = total + x.sum(0), total_sq + (x ** 2).sum(0), n + len(x)
+        progress.close()
         mean = total / max(n, 1)
         std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean ** 2, 1e-6))
         return bad, tuple(round(float(m), 4) for m in np.atleast_1d(mean)), tuple(round(float(s), 4) for s in np.atleast_1d(std))

@@ -12,22 +12,13 @@ import os
 import time
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
-import data
-import metrics
-from lars import LARS
-from loss import all_gather_cat
-from model import build_model, read_pretrained
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a published network: the "
                     "Self-Classifier authors' .pth.tar, TWIST's or SeLa's ResNet file, a torchvision ResNet state_dict "
                     "(recognised by content; heads are scored where the file has them)")
-parser.add_argument("--dataset", default=None, choices=list(data.DATASETS), help="default: the checkpoint's "
-                    "(a published network names none: give it)")
+parser.add_argument("--dataset", default=None, help="a name train.py --dataset takes (default: the checkpoint's; a "
+                    "published network names none: give it)")
 parser.add_argument("--data_dir", default=None, help="default: the checkpoint's (a published network: give it)")
 parser.add_argument("--size", type=int, default=None, help="evaluation crop side in px, after a resize of the "
                     "dataset's ratio (imagenet: 256/224) (default: the training crop; 224 for a published network)")
@@ -134,6 +125,22 @@ if args.curves_only:
     print(f"wrote {os.path.join(out_dir, 'curves.png')}")
     raise SystemExit(0)
 
+# the rest needs torch, which --curves_only above does without: importing it takes most of a minute on a loaded
+# machine, for a plot of seconds (docs/experiments.md, "progress lines and a plot without torch")
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import metrics
+from lars import LARS
+from loss import all_gather_cat
+from model import build_model, read_pretrained
+from progress import Progress
+
+if args.dataset is not None and args.dataset not in data.DATASETS:
+    raise SystemExit(f"--dataset {args.dataset}: choose from {', '.join(data.DATASETS)}")
+
 # -----------------------------------------------------------------------------
 ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
 use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -199,12 +206,16 @@ def load_split(split, transform):
     return ds
 
 
+stage_seconds = {}  # each stage's wall time, for metrics.json
+
+
 @torch.no_grad()
-def extract(ds):
+def extract(ds, split):
     """Backbone features, head-0 logits and labels of every sample, in dataset order.
 
     Each process takes every world_size-th sample; the shares are padded to one length and gathered."""
     n = len(ds)
+    progress = Progress(f"features {split}", n)
     mine = list(range(rank, n, world_size))
     mine += mine[-1:] * (-(-n // world_size) - len(mine))  # equal shares for all_gather
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
@@ -218,9 +229,11 @@ def extract(ds):
         logits.append(out[0].float() if heads else f.new_zeros(len(f), 0))
         labels.append(y.to(device))
         index.append(i.to(device))
+        progress.update(len(x) * world_size)  # rank 0's share stands for every process's
     feats, logits, labels, index = (all_gather_cat(torch.cat(t)) for t in (feats, logits, labels, index))
     order = torch.empty(n, dtype=torch.long, device=device)
     order[index] = torch.arange(len(index), device=device)  # duplicates of the padding land on one row
+    stage_seconds[f"features_{split}"] = round(progress.close(), 2)
     return feats[order], logits[order], labels[order]
 
 
@@ -236,9 +249,14 @@ def linear_probe(train_f, train_y, test_f, test_y):
         train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
         clf = torch.nn.Linear(train_f.shape[1], C).to(device)
         opt = torch.optim.Adam(clf.parameters(), lr=args.linear_lr or 1e-3)
-        steps = args.linear_epochs * -(-len(train_f) // 1024)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(args.linear_epochs):
+        steps_per_epoch = -(-len(train_f) // 1024)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * steps_per_epoch)
+        progress = Progress("linear probe", args.linear_epochs * steps_per_epoch, "steps")
+
+        def scores():  # the probe as it stands, on every training feature: a pass, paid for only when printed
+            return "loss {:.4f} | train acc {:.4f}".format(*probe_scores(clf, train_f, train_y))
+
+        for epoch in range(args.linear_epochs):
             for idx in torch.randperm(len(train_f), generator=g).split(1024):
                 idx = idx.to(device)
                 loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
@@ -246,6 +264,8 @@ def linear_probe(train_f, train_y, test_f, test_y):
                 loss.backward()
                 opt.step()
                 sched.step()
+            progress.update(steps_per_epoch, lambda: f"ep {epoch + 1}/{args.linear_epochs} | {scores()}")
+        stage_seconds["linear"] = round(progress.close(scores()), 2)
         with torch.no_grad():
             return (clf(test_f).argmax(1) == test_y).float().mean().item()
     # augmented protocol: crops through the frozen backbone every epoch, probe trained under DDP
@@ -264,25 +284,52 @@ def linear_probe(train_f, train_y, test_f, test_y):
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=use_cuda)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.linear_epochs * sampler.steps)
+    progress = Progress("linear probe", args.linear_epochs * sampler.steps, "steps")
+
+    seen = 0  # this process's images in the epoch; their summed loss and correct predictions stay on the device
+
+    def scores():  # rank 0's share of the epoch so far
+        return f"loss {loss_sum.item() / seen:.4f} | train acc {correct.item() / seen:.4f}" if seen else "no step"
+
     for epoch in range(args.linear_epochs):
         sampler.set_epoch(epoch)
+        seen, loss_sum, correct = 0, torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
         for x, y, _ in loader:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 f = model.backbone(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(clf(f.float()), y.to(device))
+            y = y.to(device)
+            out = clf(f.float())
+            loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            seen, loss_sum = seen + len(y), loss_sum + loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            # a line within the epoch when one is due: an epoch of augmented crops can take minutes
+            progress.update(1, lambda: f"ep {epoch + 1}/{args.linear_epochs} | {scores()}")
+    stage_seconds["linear"] = round(progress.close(scores()), 2)
     clf = clf.module if ddp else clf
     with torch.no_grad():
         return (clf(test_f).argmax(1) == test_y).float().mean().item()
 
 
+@torch.no_grad()
+def probe_scores(clf, f, y, chunk=65536):
+    # loss and accuracy of the probe on these features, in chunks: ImageNet's logits at once would take 5 GB
+    loss, correct = 0.0, 0
+    for s in range(0, len(f), chunk):
+        out = clf(f[s:s + chunk])
+        loss += F.cross_entropy(out, y[s:s + chunk], reduction="sum").item()
+        correct += (out.argmax(1) == y[s:s + chunk]).sum().item()
+    return loss / len(f), correct / len(f)
+
+
 def kmeans_scores(x, y, prefix):
-    # scipy's k-means++ with k = number of classes, scored with the clustering metrics
-    from scipy.cluster.vq import kmeans2
-    _, assign = kmeans2(x.astype(np.float64), num_classes, iter=50, minit="++", seed=args.seed)
+    # scipy's k-means++ and 50 iterations with k = number of classes, scored with the clustering metrics
+    progress = Progress(prefix.replace("_", " ").replace("kmeans", "k-means"), 50, "iters")
+    assign = metrics.kmeans(x.astype(np.float64), num_classes, iters=50, seed=args.seed, progress=progress.update)
+    stage_seconds[prefix] = round(progress.close(), 2)
     return {f"{prefix}_{k}": v for k, v in metrics.cluster_metrics(y, assign).items()}
 
 
@@ -387,7 +434,7 @@ try:
     eval_ds = load_split("eval", eval_tf)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(str(e)) from None
-eval_f, eval_logits, eval_y = extract(eval_ds)
+eval_f, eval_logits, eval_y = extract(eval_ds, "eval")
 pred = eval_logits.argmax(1).cpu().numpy() if heads else None
 y = eval_y.cpu().numpy()
 # class names: a folder's sub-folders, ImageNet's folder names, or the named datasets' classes
@@ -408,15 +455,18 @@ if heads:
     results["classes_used"] = int(len(np.unique(pred)))
 results["num_eval"] = len(y)
 if not (args.no_knn and args.no_linear):
-    train_f, _, train_y = extract(load_split("train_labeled", eval_tf))
+    train_f, _, train_y = extract(load_split("train_labeled", eval_tf), "train")
     keep = train_y >= 0  # STL-10's unlabelled images have label -1
     train_f, train_y = train_f[keep], train_y[keep]
     if not args.no_knn:
-        for k in args.knn_k:
-            if k > len(train_f):
-                print0(f"kNN with k {k}: only {len(train_f)} labelled training images, skipped")
-                continue
-            results[f"knn_top1_k{k}"] = metrics.knn_top1(train_f, train_y, eval_f, eval_y, k, args.knn_temp)
+        ks = [k for k in args.knn_k if k <= len(train_f)]
+        for k in sorted(set(args.knn_k) - set(ks)):
+            print0(f"kNN with k {k}: only {len(train_f)} labelled training images, skipped")
+        progress = Progress(f"kNN (k {' '.join(map(str, ks))})", len(ks) * len(eval_f))  # evaluation images, per k
+        for k in ks:
+            results[f"knn_top1_k{k}"] = metrics.knn_top1(train_f, train_y, eval_f, eval_y, k, args.knn_temp,
+                                                         progress=progress.update)
+        stage_seconds["knn"] = round(progress.close(), 2)
         results["knn_top1"] = results.get("knn_top1_k20", results.get(f"knn_top1_k{args.knn_k[0]}"))
         results["knn_temp"] = args.knn_temp
     if not args.no_linear:  # linear_top1 is the protocol that ran, which linear_protocol names
@@ -427,6 +477,7 @@ if not args.no_kmeans and master:
     if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets
         results.update(kmeans_scores(eval_ds.images.reshape(len(y), -1) / 255.0, y, "kmeans_pixels"))
 results["seconds"] = round(time.time() - t0, 1)
+results["stage_seconds"] = stage_seconds
 
 if master:
     os.makedirs(out_dir, exist_ok=True)

@@ -1,10 +1,12 @@
 """Clustering metrics for Self-Classifier evaluation: NMI, AMI and ARI with scikit-learn's definitions and
 edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), Hungarian-matched ACC, and the
-weighted kNN classifier of the authors' knn_eval.py.
+weighted kNN classifier of the authors' knn_eval.py, and scipy's k-means an iteration at a time.
 """
 import numpy as np
 import torch
+from scipy.cluster.vq import kmeans2, vq
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
 from scipy.special import gammaln
 
 _EPS = np.finfo(np.float64).eps
@@ -241,9 +243,10 @@ def cluster_metrics_from_counts(counts):
 
 
 @torch.no_grad()
-def knn_top1(train_f, train_y, test_f, test_y, k=20, temp=0.1, chunk=1024):
+def knn_top1(train_f, train_y, test_f, test_y, k=20, temp=0.1, chunk=1024, progress=None):
     """Weighted kNN top-1 of Self-Classifier's knn_eval.py (after DINO): cosine similarity of L2-normalised
-    features, the k most similar training samples vote with weight exp(cosine / temp). Tensors in, a float out."""
+    features, the k most similar training samples vote with weight exp(cosine / temp). Tensors in, a float out.
+    progress: called with the number of test samples of each chunk once it is done."""
     if k < 1 or temp <= 0 or len(train_f) < k:
         raise ValueError(f"kNN needs k >= 1, temp > 0 and at least k training samples; got k {k}, temp {temp}, "
                          f"{len(train_f)} samples")
@@ -255,4 +258,30 @@ def knn_top1(train_f, train_y, test_f, test_y, k=20, temp=0.1, chunk=1024):
         votes = torch.zeros(len(sim), C, dtype=sim.dtype, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / temp).exp())
         correct += (votes.argmax(dim=1) == test_y[s:s + chunk]).sum().item()
+        if progress:
+            progress(len(sim))
     return correct / len(test_f)
+
+
+def kmeans(x, k, iters=50, seed=0, progress=None):
+    """scipy's kmeans2(x, k, iter=iters, minit="++", seed=seed) (k-means++, then Lloyd's iterations; an empty
+    cluster keeps its centroid), one iteration at a time so that progress (called after each) can report:
+    the same cluster of every sample. x: (N, D) float64 array; the (N,) cluster indices out."""
+    # kmeans2's own last step assigns every sample to the centroids of iteration 1: that is iteration 2's first half
+    code, assign = kmeans2(x, k, iter=1, minit="++", seed=seed)
+    if progress:
+        progress(1)
+    for _ in range(iters - 1):
+        # the sums of each cluster's samples, added in sample order as scipy's update_cluster_means adds them
+        # (the same centroids to the last bit): a (k, N) 0/1 matrix whose rows list each cluster's samples
+        counts = np.bincount(assign, minlength=k)
+        members = csr_matrix((np.ones(len(x)), np.argsort(assign, kind="stable"), np.r_[0, np.cumsum(counts)]),
+                             shape=(k, len(x)))
+        sums = members @ x
+        full = counts > 0
+        code = code.copy()
+        code[full] = sums[full] / counts[full, None]
+        assign = vq(x, code, check_finite=False)[0]
+        if progress:
+            progress(1)
+    return assign

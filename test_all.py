@@ -1156,7 +1156,7 @@ def test_objective_of_each_method_trains_through_train_py(tiny_runs):
         assert [r["step"] for r in steps] == [1, 2] and [as_printed(r) for r in steps] == printed_steps(log)
         assert all(math.isfinite(r["loss"]) and 0 < r["balance"] <= 1 for r in steps)
         assert [(r["epoch"], r["step"], r["num_eval"]) for r in log_records(out, "eval")] == [(1, 2, 4488)]
-    assert "relabelled: Sinkhorn-Knopp iterations per head [" in runs["sela"][0]
+    assert "img/s) | Sinkhorn-Knopp iterations per head [" in runs["sela"][0]  # the relabelling pass's closing line
     assert (torch.load(f"{runs['sela'][1]}/ckpt.pt", weights_only=True)["pseudo_labels"] >= 0).all()
 
 
@@ -1183,10 +1183,10 @@ def test_evaluate_writes_every_metric_and_figure(tiny_runs, tiny_metrics):
 # end to end: the real command lines at the recipes' scale (SLOW=1)
 
 
-def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=()):
+def train_and_evaluate(tmp_path, *train_args, launcher=(PY,), eval_args=(), env=None):
     out = str(tmp_path / "run")
-    log = run([*launcher, "train.py", "--out_dir", out, *train_args])
-    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", *eval_args])
+    log = run([*launcher, "train.py", "--out_dir", out, *train_args], env=env)
+    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", *eval_args], env=env)
     with open(f"{out}/metrics.json") as f:
         return log, json.load(f), out
 
@@ -1287,8 +1287,10 @@ def test_curves_only_needs_no_data_or_checkpoint(tiny_runs, tmp_path):
 
 @slow
 def test_synthetic_defaults_two_processes(tmp_path):
+    # a FutureWarning (DDP's deprecated broadcast_buffers, say) fails the run: a normal run prints no warning
     log, m, out = train_and_evaluate(tmp_path, "--dataset", "synthetic", launcher=torchrun(nproc=2),
-                                     eval_args=("--no_linear", "--no_kmeans", "--no_figures"))
+                                     eval_args=("--no_linear", "--no_kmeans", "--no_figures"),
+                                     env={"PYTHONWARNINGS": "error::FutureWarning"})
     assert "2 process(es) x 128" in log
     assert m["acc"] >= 0.7 and m["nmi"] >= 0.9 and m["knn_top1"] >= 0.95, m
     # each process scored half of the evaluation split; summed, the same metrics as one evaluate.py process
@@ -1315,8 +1317,9 @@ def test_evaluate_trained_scores_and_two_processes(synthetic_run, tmp_path):
     assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5  # ten distinct shapes: far above chance (0.1)
     assert m["kmeans_pixels_acc"] < m["acc"]
     # under torchrun each process extracts half of the features; the gathered result is the same
-    run(torchrun("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--out_dir", str(tmp_path / "ddp"), "--no_linear",
-                 "--no_figures"))
+    printed = run(torchrun("evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--out_dir", str(tmp_path / "ddp"), "--no_linear",
+                           "--no_figures"))
+    assert printed.count("features eval: 1,000 img in ") == 1  # each stage's closing line, from rank 0 alone
     m2 = json.load(open(tmp_path / "ddp" / "metrics.json"))
     for k in ("nmi", "acc", "knn_top1", "knn_top1_k200", "kmeans_acc", "kmeans_pixels_acc"):
         assert m2[k] == pytest.approx(m[k], abs=2e-3), k
@@ -1423,7 +1426,7 @@ def test_twist_and_sela_on_the_imagenet_path_have_no_queue(tmp_path):
     for m, log in zip(methods, logs):
         ckpt = torch.load(tmp_path / m / "ckpt.pt", weights_only=True)
         assert ckpt["queue"] is None and ckpt["args"]["queue_len"] == 0, m
-    assert "relabelled: Sinkhorn-Knopp iterations per head [" in logs[1]
+    assert "img/s) | Sinkhorn-Knopp iterations per head [" in logs[1]  # the relabelling pass's closing line
 
 
 def test_bad_flags_are_refused_before_anything_runs(monkeypatch, capsys):
@@ -1596,6 +1599,133 @@ def test_sela_imagenet_recipe_is_its_code(monkeypatch, capsys):
     assert got["sela_relabel_epochs"] == pytest.approx([400 * (i / 100) ** 2 for i in range(100)], abs=1e-4)
     assert "SeLa on imagenet follows its authors' run" in dry_run(monkeypatch, capsys, "--dataset", "imagenet",
                                                                    "--method", "sela", "--recipe", "bs2048")
+
+
+# -----------------------------------------------------------------------------
+# progress lines of the long stages, each stage's seconds, and --curves_only without torch
+
+
+def test_progress_lines_every_interval_from_rank_0(monkeypatch, capsys):
+    from progress import Progress
+    asked = []
+
+    def info():
+        asked.append(1)
+        return "loss 0.5"
+    p = Progress("features eval", 1000, every=0)  # a line at every update but the last: the closing line
+    for _ in range(4):
+        p.update(256, info)
+    p.close("done well")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[:2] for line in lines[:3]] == [[f"features eval {n}/1,000 img", "loss 0.5"]
+                                                            for n in ("256", "512", "768")]
+    assert all(line.split(" | ")[2].endswith(" img/s") and line.split(" | ")[3].startswith("eta ") for line in lines[:3])
+    assert len(lines) == 4 and lines[3].startswith("features eval: 1,000 img in ") and lines[3].endswith(" | done well")
+    assert len(asked) == 3  # the fields are worked out for a printed line only
+    assert "\r" not in "".join(lines)
+    quiet = Progress("kNN", 10, every=3600)  # no line before its interval, and none beyond the total
+    for _ in range(10):
+        quiet.update(1, info)
+    assert quiet.close() >= 0 and capsys.readouterr().out.startswith("kNN: 10 img in ") and len(asked) == 3
+    monkeypatch.setenv("RANK", "1")  # under torchrun every process counts and rank 0 alone prints
+    other = Progress("kNN", 10, every=0)
+    other.update(5)
+    other.close()
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("PROGRESS_SECONDS", "0")  # the interval from the environment, for tests and short runs
+    monkeypatch.setenv("RANK", "0")
+    assert Progress("scan", 3, "files").every == 0
+
+
+def test_kmeans_an_iteration_at_a_time_is_scipys_kmeans2():
+    # the same clusters to the last sample, so metrics.json's k-means scores do not move
+    from scipy.cluster.vq import kmeans2
+    for n, d, k, seed in [(600, 16, 10, 0), (300, 4, 40, 1), (200, 1, 5, 2), (400, 8, 60, 3)]:
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, d)) + rng.integers(0, 6, (n, 1))
+        _, expected = kmeans2(x, k, iter=50, minit="++", seed=seed)
+        calls = []
+        got = metrics.kmeans(x, k, iters=50, seed=seed, progress=calls.append)
+        np.testing.assert_array_equal(got, expected)
+        assert calls == [1] * 50
+
+
+def test_knn_progress_counts_every_test_sample():
+    rng = np.random.default_rng(0)
+    train_f, test_f = torch.from_numpy(rng.normal(size=(300, 8))), torch.from_numpy(rng.normal(size=(150, 8)))
+    train_y, test_y = torch.from_numpy(rng.integers(0, 3, 300)), torch.from_numpy(rng.integers(0, 3, 150))
+    calls = []
+    got = metrics.knn_top1(train_f, train_y, test_f, test_y, k=5, chunk=64, progress=calls.append)
+    assert calls == [64, 64, 22] and got == metrics.knn_top1(train_f, train_y, test_f, test_y, k=5, chunk=64)
+
+
+def test_folder_scan_prints_its_progress(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setenv("PROGRESS_SECONDS", "0")
+    bad, _, _ = data.ImageFiles(str(tmp_path), None).scan()
+    lines = capsys.readouterr().out.splitlines()
+    assert bad == [] and [line.split(" | ")[0] for line in lines[:2]] == [f"scan of {tmp_path} {i}/3 files"
+                                                                          for i in (1, 2)]
+    assert len(lines) == 3 and lines[2].startswith(f"scan of {tmp_path}: 3 files in ")
+
+
+def test_curves_only_does_not_import_torch(tmp_path):
+    records = [dict(kind="step", step=s, epoch=0, loss=3 - s / 10, lr=0.1, img_s=900, classes=8, balance=0.9)
+               for s in range(1, 11)]
+    records += [dict(kind="epoch", epoch=1, step=10, loss=2.5), dict(kind="eval", epoch=1, step=10, nmi=0.5, acc=0.4,
+                                                                    classes=9, balance=0.95)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # evaluate.py as its command line runs it, then what this process imported
+    code = ("import runpy, sys\nsys.argv = ['evaluate.py', '--ckpt', sys.argv[1], '--curves_only']\ntry:\n"
+            "    runpy.run_path('evaluate.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    printed = run([PY, "-c", code, str(tmp_path / "ckpt.pt")])
+    assert f"wrote {tmp_path / 'curves.png'}" in printed and "torch imported: False" in printed
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def stage_lines(log, name):
+    """The progress lines of a stage as (done, total), and its closing line."""
+    import re
+    found = [(int(d.replace(",", "")), int(t.replace(",", ""))) for d, t in
+             re.findall(rf"^{re.escape(name)} ([\d,]+)/([\d,]+) ", log, re.M)]
+    closing = re.findall(rf"^{re.escape(name)}: [\d,]+ \w+ in .*$", log, re.M)
+    return found, closing
+
+
+@slow
+def test_every_long_stage_prints_its_progress_and_time(tmp_path):
+    # SeLa, so that training has its relabelling pass (before step 0, on the 5,000 training images); a line at
+    # every update (PROGRESS_SECONDS 0), so their number is known
+    every = {"PROGRESS_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    out = str(tmp_path / "run")
+    log = run([PY, "train.py", *SMALL_RUN, "--method", "sela", "--sela_relabels", "1", "--epochs", "1", "--eval_every",
+               "0", "--out_dir", out], env=every)
+    found, [closing] = stage_lines(log, "relabelling")
+    assert found == [(256 * i, 5000) for i in range(1, 20)]
+    assert closing.startswith("relabelling: 5,000 img in ") and "Sinkhorn-Knopp iterations per head [" in closing
+    log = run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--linear_epochs", "3", "--knn_k", "10", "20",
+               "--no_figures", "--workers", "0"], env=every)
+    m = json.load(open(f"{out}/metrics.json"))
+    # 256 images a forward; kNN counts the 1,000 evaluation images once per k, in chunks of 1,024
+    assert stage_lines(log, "features eval")[0] == [(256, 1000), (512, 1000), (768, 1000)]
+    assert stage_lines(log, "features train")[0] == [(256 * i, 5000) for i in range(1, 20)]
+    assert stage_lines(log, "kNN (k 10 20)")[0] == [(1000, 2000)]
+    # the probe: 5 steps of 1,024 features an epoch, a line after each epoch with its loss and training accuracy
+    import re
+    probe = re.findall(r"^linear probe (\d+)/15 steps \| ep (\d)/3 \| loss ([\d.]+) \| train acc ([\d.]+) \|", log, re.M)
+    assert [(int(s), int(e)) for s, e, _, _ in probe] == [(5, 1), (10, 2)]
+    assert all(0 < float(loss) < 10 and 0 <= float(acc) <= 1 for _, _, loss, acc in probe)
+    assert re.search(r"^linear probe: 15 steps in .* \| loss [\d.]+ \| train acc [\d.]+$", log, re.M)
+    assert stage_lines(log, "k-means")[0] == [(i, 50) for i in range(1, 50)]
+    assert stage_lines(log, "k-means pixels")[0] == [(i, 50) for i in range(1, 50)]
+    for name in ("features eval", "features train", "kNN (k 10 20)", "linear probe", "k-means", "k-means pixels"):
+        assert len(stage_lines(log, name)[1]) == 1, name
+    stages = m["stage_seconds"]
+    assert set(stages) == {"features_eval", "features_train", "knn", "linear", "kmeans", "kmeans_pixels"}
+    assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= m["seconds"] + 0.1
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import metrics
 from lars import LARS
 from model import NNQueue, build_model, init_from, load_checkpoint, read_pretrained, sync_bn_groups
 from preempt import REQUEUE_STATUS, StopSignal
+from progress import Progress, fmt_time
 
 # -----------------------------------------------------------------------------
 # arguments: None means "the dataset's recipe below"
@@ -433,7 +435,13 @@ raw_model = model
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+    # BatchNorm statistics are not broadcast from rank 0 before each forward: on a CPU each process keeps its
+    # own, on CUDA SyncBatchNorm makes them the same within each --bn_group; checkpoints hold rank 0's. torch 2.13
+    # renamed the switch (the old name warns), and the new one also broadcasts them once here: a no-op, as every
+    # process built the same model or loaded the same checkpoint.
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = dict(forward_sync_buffers=False) if new_name else dict(broadcast_buffers=False)
+    model = DDP(model, device_ids=[local_rank] if use_cuda else None, **no_sync)
 
 
 def lr_at(step):
@@ -470,11 +478,13 @@ def relabel():
     # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
     # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
     log_p = [[] for _ in args.cls_sizes]
+    progress = Progress("relabelling", len(label_set))
     for x, _, _ in loader_:
         with autocast:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             for h, logits in enumerate(raw_model.predict(x)[1]):
                 log_p[h].append(torch.log_softmax(logits.float() / args.row_tau, dim=1).to("cpu", torch.float16))
+        progress.update(len(x) * world_size)  # rank 0's share stands for every process's
     pad = -(-len(label_set) // world_size) - len(mine)  # all_gather needs equal shares
     index = losses.all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
     iters = []
@@ -484,7 +494,7 @@ def relabel():
         log_p[h] = None
         labels = losses.all_gather_cat(F.pad(labels, (0, pad), value=-1))
         pseudo_labels[h, index[index >= 0]] = labels[index >= 0]
-    print0(f"relabelled: Sinkhorn-Knopp iterations per head {iters}")
+    progress.close(f"Sinkhorn-Knopp iterations per head {iters}")
     raw_model.train()
 
 
@@ -569,10 +579,6 @@ def exit_for_requeue(step):
     print0(f"stopped by {stop.name} after step {step}/{total_steps}: saved {ckpt_path}; the same command resumes "
            f"from this step (exit status {REQUEUE_STATUS})")
     raise SystemExit(REQUEUE_STATUS)
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 # -----------------------------------------------------------------------------
