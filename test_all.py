@@ -1540,9 +1540,10 @@ def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_
     out, before = copy_of(tiny_runs, tmp_path)
     source = open(os.path.join(HERE, "train.py")).read()
     anchor = "# augmentation\n"
-    assert source.count(anchor) == 1 and source.index("objective = parser.add_argument_group") < source.index(anchor)
+    group = 'flags = parser.add_argument_group("objective"'
+    assert source.count(anchor) == 1 and source.index(group) < source.index(anchor)
     changed = tmp_path / "train.py"
-    changed.write_text(source.replace(anchor, 'objective.add_argument("--class0_mass", type=float, default=1.0)\n'
+    changed.write_text(source.replace(anchor, 'flags.add_argument("--class0_mass", type=float, default=1.0)\n'
                                               + anchor))
     older, _ = copy_of(tiny_runs, tmp_path, name="older")
     err, log = side_by_side([PY, str(changed), *TINY_RUN, "--class0_mass", "3", "--out_dir", out],

@@ -65,27 +65,28 @@ parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="clas
                     "and names the classes. K unknown: give head 0 more classes than you expect (an over-split class "
                     "is easier to merge by eye than a mixed one) and extra heads of about 3K and 10K")
 # objective: every flag of this group is compared on resume (MUST_MATCH below), with no list to keep
-objective = parser.add_argument_group("objective", "compared on resume: a checkpoint trained with other values "
-                                      "is refused")
-objective.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes "
-                       "(SeLa: of its cross-entropy on the heads' cosine logits)")
-objective.add_argument("--col_tau", type=float, default=0.05, help="temperature of the softmax over samples")
-objective.add_argument("--no_prior", action="store_true", help="self_classifier without Bayes' rule and its uniform "
-                       "prior: plain cross-entropy between the views at --row_tau, which collapses (an experiment)")
-objective.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight of the extra mean sample entropy")
-objective.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
-objective.add_argument("--twist_tau", type=float, default=None, help="TWIST temperature of the entropy terms "
-                       "(default: the paper's 1.0; 0.5 in the CPU recipes, synthetic and (fashion_)mnist)")
-objective.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over "
-                       "the run, the first before any step (default: 400 on cifar10/cifar100 as SeLa's cifar.py, 100 "
-                       "on imagenet as its main.py, else --epochs of them)")
-objective.add_argument("--sela_schedule", default=None, choices=["quadratic", "linear"], help="SeLa: relabelling i of "
-                       "n at (i/n)^2 of the run (dense early, its ImageNet code) or at i/n (its CIFAR code; the default "
-                       "on cifar10/cifar100, quadratic elsewhere)")
-objective.add_argument("--sela_lamb", type=float, default=None, help="SeLa: Sinkhorn-Knopp exponent lambda "
-                       "(P^lambda; default: 10 on cifar10/cifar100 as SeLa's CIFAR code, else 25 as its ImageNet code)")
-objective.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples "
-                       "(0 = off); Self-Classifier only: TWIST and SeLa never use one, and refuse a nonzero length")
+flags = parser.add_argument_group("objective", "compared on resume: a checkpoint trained with other values is "
+                                  "refused")
+flags.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes (SeLa: of its "
+                   "cross-entropy on the heads' cosine logits)")
+flags.add_argument("--col_tau", type=float, default=0.05, help="temperature of the softmax over samples")
+flags.add_argument("--no_prior", action="store_true", help="self_classifier without Bayes' rule and its uniform "
+                   "prior: plain cross-entropy between the views at --row_tau, which collapses (an experiment)")
+flags.add_argument("--twist_lam1", type=float, default=0.0, help="TWIST weight of the extra mean sample entropy")
+flags.add_argument("--twist_lam2", type=float, default=1.0, help="TWIST weight of the batch entropy")
+flags.add_argument("--twist_tau", type=float, default=None, help="TWIST temperature of the entropy terms (default: "
+                   "the paper's 1.0; 0.5 in the CPU recipes, synthetic and (fashion_)mnist)")
+flags.add_argument("--sela_relabels", type=int, default=None, help="SeLa: Sinkhorn-Knopp relabellings over the run, "
+                   "the first before any step (default: 400 on cifar10/cifar100 as SeLa's cifar.py, 100 on imagenet "
+                   "as its main.py, else --epochs of them)")
+flags.add_argument("--sela_schedule", default=None, choices=["quadratic", "linear"], help="SeLa: relabelling i of n "
+                   "at (i/n)^2 of the run (dense early, its ImageNet code) or at i/n (its CIFAR code; the default on "
+                   "cifar10/cifar100, quadratic elsewhere)")
+flags.add_argument("--sela_lamb", type=float, default=None, help="SeLa: Sinkhorn-Knopp exponent lambda (P^lambda; "
+                   "default: 10 on cifar10/cifar100 as SeLa's CIFAR code, else 25 as its ImageNet code)")
+flags.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off); "
+                   "Self-Classifier only: TWIST and SeLa never use one, and refuse a nonzero length")
+OBJECTIVE_FLAGS = [a.dest for a in flags._group_actions]
 # augmentation
 parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
 parser.add_argument("--size", type=int, default=None, help="global crop side in px")
@@ -409,7 +410,7 @@ if args.method == "sela":
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
               "size", "local_size", "crop_scale", "seed", "precision",
-              *(a.dest for a in objective._group_actions))  # --row_tau, --col_tau, ... and any flag added there
+              *OBJECTIVE_FLAGS)  # --row_tau, --col_tau, ... and any flag added to that group
 # what checkpoints older than a flag trained with
 BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
 start_step = 0
