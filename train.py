@@ -215,7 +215,8 @@ def report_failure(kind, e, tb):
     sys.__excepthook__(kind, e, tb)
     where = doing if step is None else f"after step {step}/{total_steps}"
     waited = isinstance(e, dist.DistError) or "Timed out" in str(e)  # gloo's timeouts are plain RuntimeErrors
-    print(f"rank {os.environ.get('RANK', 0)} stopped {where}: {kind.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    first = (str(e).splitlines() or [""])[0]
+    print(f"rank {os.environ.get('RANK', 0)} stopped {where}: {kind.__name__}: {first}"
           + (f" (--dist_timeout {args.dist_timeout:g} min)" if waited else ""), file=sys.stderr, flush=True)
 
 
