@@ -1,6 +1,10 @@
 """Stop on SIGTERM or SIGUSR1 (SLURM, Kubernetes, spot instances) after a whole step, at the same step on every
-process, so that the checkpoint of that step can be written and the job requeued."""
+process, so that the checkpoint of that step can be written and the job requeued; and process groups that a
+restart by torchrun --max_restarts can create again (docs/experiments.md, "a restart after a crash")."""
+import datetime
+import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -52,3 +56,40 @@ class StopSignal:
         # the last step's all-reduce is still out: every process waits it before the group goes away
         if self._work is not None:
             self._work.wait()
+
+
+def init_process_group(backend, timeout):
+    """dist.init_process_group from torchrun's environment, in a namespace of the store that no earlier attempt
+    wrote to, every wait bounded by timeout (a timedelta). Groups are named by a per-process counter, so their
+    keys are the same in every attempt; torchrun keeps one store across restarts, where an earlier attempt's
+    peer addresses would be read as this one's."""
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    prefix = f"attempt{attempt_number(store, rank, world_size, timeout)}/"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def attempt_number(store, rank, world_size, timeout):
+    """A number the same on every process and new to the store. Rank 0 draws it (add is atomic); another rank
+    may read an earlier attempt's number first, so it leaves a nonce under the number it read and waits for
+    rank 0 to echo it. TORCHELASTIC_RESTART_COUNT would not do: each node's agent counts its own restarts."""
+    if rank == 0:
+        n = store.add("attempts", 1)
+        store.set("attempt", str(n))
+        joins = [f"attempt{n}/join{r}" for r in range(1, world_size)]
+        store.wait(joins, timeout)
+        for key in joins:
+            store.set(f"attempt{n}/welcome{store.get(key).decode()}", "")
+        return n
+    nonce = os.urandom(8).hex()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        n = int(store.get("attempt"))  # the first attempt: waits for rank 0 to set it
+        store.set(f"attempt{n}/join{rank}", nonce)
+        try:
+            store.wait([f"attempt{n}/welcome{nonce}"], datetime.timedelta(seconds=0.5))
+            return n
+        except dist.DistStoreError:  # an earlier attempt's number, or rank 0 still waits for other ranks
+            if time.monotonic() > deadline:
+                raise dist.DistStoreError(f"rank 0 did not answer rank {rank} within {timeout}") from None

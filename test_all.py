@@ -1911,6 +1911,161 @@ def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, npro
 
 
 # -----------------------------------------------------------------------------
+# restarts: under torchrun --max_restarts a killed process costs one restart from the last checkpoint, and no
+# process waits forever for another (--dist_timeout)
+
+# the 31-step epoch of the SIGTERM test; with --ckpt_minutes 0.003 rank 0 saves every 0.18 s within it
+RESTART_RUN = (*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "1", "--log_every", "5")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_processes(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    run(torchrun("train.py", *RESTART_RUN, "--out_dir", out))
+    return out
+
+
+def child_processes(pid):
+    kids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(p))
+        except OSError:  # gone
+            continue
+    return kids
+
+
+def same_state(a_dir, b_dir):
+    a = torch.load(f"{a_dir}/ckpt.pt", weights_only=True)
+    b = torch.load(f"{b_dir}/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+
+
+def test_attempt_number_is_agreed_and_new_after_a_restart():
+    import threading
+    import time
+    from datetime import timedelta
+    from preempt import attempt_number
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # kept, as torchrun's
+
+    def attempt(ranks, world_size=3, rank0_late=0.0, timeout=10.0):
+        numbers = {}
+
+        def process(r):
+            time.sleep(rank0_late if r == 0 else 0)
+            store = torch.distributed.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=30))
+            try:
+                numbers[r] = attempt_number(store, r, world_size, timedelta(seconds=timeout))
+            except torch.distributed.DistStoreError as e:
+                numbers[r] = e
+        threads = [threading.Thread(target=process, args=(r,)) for r in ranks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return numbers
+
+    first = attempt(range(3))
+    assert set(first.values()) == {1}
+    # the restart: ranks 1 and 2 read the first attempt's number before rank 0 draws the next, and find no rank 0
+    assert set(attempt(range(3), rank0_late=0.3).values()) == {2}
+    t0 = time.time()
+    alone = attempt([0, 1], rank0_late=0.3, timeout=0.5, world_size=3)  # rank 2 never comes
+    assert time.time() - t0 < 3
+    assert "attempt3/join2" in str(alone[0]) and "rank 0 did not answer rank 1" in str(alone[1])
+
+
+@slow
+@pytest.mark.parametrize("victim", ["rank", "data_worker"])
+def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_processes, tmp_path, victim):
+    import re
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    cmd = torchrun("--max_restarts", "1", "train.py", *RESTART_RUN, "--workers", "1" if victim == "data_worker" else "0",
+                   "--ckpt_minutes", "0.003", "--out_dir", out)
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                             stderr=subprocess.STDOUT)
+    try:
+        while not os.path.exists(f"{out}/ckpt.pt"):
+            assert p.poll() is None, open(tmp_path / "log").read()[-3000:]
+            time.sleep(0.05)
+        if victim == "rank":
+            target = torchrun_worker(p.pid, rank=1)
+        else:
+            [target] = child_processes(torchrun_worker(p.pid, rank=0))  # rank 0's one data-loading process
+        os.kill(target, signal.SIGKILL)
+        p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = open(tmp_path / "log").read()
+    assert p.returncode == 0, text[-3000:]  # with --max_restarts 1: the first restart went through
+    [resumed_at] = map(int, re.findall(r"resumed from .* at epoch 0, step (\d+)", text))
+    assert 0 < resumed_at < 31
+    same_records(uninterrupted_two_processes, out)
+    same_state(uninterrupted_two_processes, out)
+
+
+@slow
+def test_a_peer_that_never_joins_stops_the_job_within_dist_timeout(tmp_path):
+    import time
+    # each rank alone at a store of its own, as torchrun's agent hosts one: rank 0 waits for rank 1, rank 1 for rank 0
+    stores = [torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(2)]
+    env = dict(MASTER_ADDR="127.0.0.1", WORLD_SIZE="2", LOCAL_RANK="0", TORCHELASTIC_USE_AGENT_STORE="True")
+    t0 = time.time()
+    errs = side_by_side(*[["env", f"RANK={r}", f"MASTER_PORT={store.port}", PY, "train.py", *SMALL_RUN,
+                           "--dist_timeout", "0.02", "--out_dir", str(tmp_path / str(r))] for r, store in enumerate(stores)],
+                        env=env, ok=False, timeout=120)
+    assert time.time() - t0 < 60  # gloo's own default would wait 30 min
+    for r, err in enumerate(errs):
+        assert f"rank {r} stopped creating the process group: DistStoreError: " in err
+        assert "(--dist_timeout 0.02 min)" in err and "1200ms" in err
+
+
+@slow
+def test_a_peer_that_stops_answering_stops_the_job_within_dist_timeout(tmp_path):
+    import signal
+    import socket
+    import time
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    cmd = [PY, "train.py", *RESTART_RUN, "--dist_timeout", "0.2", "--out_dir", str(tmp_path / "run")]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = []
+    for r, path in enumerate(logs):
+        with open(path, "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=HERE, env={**env, "RANK": str(r)}, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        while "step 5/31" not in open(logs[0]).read():
+            assert procs[0].poll() is None, open(logs[0]).read()[-3000:]
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGSTOP)  # alive, holding its connections, answering nothing
+        t0 = time.time()
+        procs[0].wait(timeout=120)
+        seconds = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = open(logs[0]).read()
+    assert procs[0].returncode == 1, text[-3000:]
+    assert 10 < seconds < 40  # --dist_timeout 0.2 min, and not much more
+    last = text.strip().splitlines()[-1]
+    assert "rank 0 stopped after step " in last and "Timed out waiting 12000ms" in last, last
+
+
+# -----------------------------------------------------------------------------
 # your own folder: real pictures decoded as a user's viewer shows them, trained and scored like the datasets
 
 

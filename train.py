@@ -9,11 +9,13 @@ Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
 """
 import argparse
+import datetime
 import inspect
 import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -26,7 +28,7 @@ import loss as losses
 import metrics
 from lars import LARS
 from model import NNQueue, build_model, init_from, load_checkpoint, read_pretrained, sync_bn_groups
-from preempt import REQUEUE_STATUS, StopSignal
+from preempt import REQUEUE_STATUS, StopSignal, init_process_group
 from progress import Progress, fmt_time
 
 # -----------------------------------------------------------------------------
@@ -126,6 +128,9 @@ parser.add_argument("--eval_every", type=int, default=None, help="every this man
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--ckpt_minutes", type=float, default=0, help="also checkpoint within an epoch every this many "
                     "minutes (0 = only at epoch ends); a resume continues from that step")
+parser.add_argument("--dist_timeout", type=float, default=10, help="minutes a process waits for the others to "
+                    "create a process group or join a collective before it stops with a message naming its rank and "
+                    "step, for torchrun --max_restarts to restart the job from its checkpoint (or the job to fail)")
 parser.add_argument("--keep_every", type=int, default=0, help="also keep a copy of the checkpoint every this many "
                     "epochs as OUT/ckpt_epN.pt, to evaluate the run part way (0 = off)")
 parser.add_argument("--collapse_frac", type=float, default=0.5, help="warn when head 0 predicts fewer than this "
@@ -275,8 +280,24 @@ if args.dry_run:
 use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 args.precision = args.precision if use_cuda else "fp32"  # what runs, for args.json and the resume check
 ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+dist_timeout = datetime.timedelta(minutes=args.dist_timeout)
+step, doing = None, "creating the process group"  # where a failure happened, for its last line below
+
+
+def report_failure(kind, e, tb):
+    # torchrun puts every process's traceback in one log: the last line names the rank and the step
+    sys.__excepthook__(kind, e, tb)
+    where = doing if step is None else f"after step {step}/{total_steps}"
+    waited = isinstance(e, dist.DistError) or "Timed out" in str(e)  # gloo's timeouts are plain RuntimeErrors
+    first = (str(e).splitlines() or [""])[0]
+    print(f"rank {os.environ.get('RANK', 0)} stopped {where}: {kind.__name__}: {first}"
+          + (f" (--dist_timeout {args.dist_timeout:g} min)" if waited else ""), file=sys.stderr, flush=True)
+
+
 if ddp:
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    sys.excepthook = report_failure
+    init_process_group("nccl" if use_cuda else "gloo", dist_timeout)
+doing = "setting up"
 rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 if use_cuda:
@@ -381,7 +402,7 @@ def sync_bn(module, size):
         groups = sync_bn_groups(world_size, size)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    handles = [dist.new_group(g) for g in groups] if ddp and len(groups) > 1 else [None]
+    handles = [dist.new_group(g, timeout=dist_timeout) for g in groups] if ddp and len(groups) > 1 else [None]
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=handles[rank // len(groups[0])])
 
 
@@ -607,7 +628,8 @@ if master:
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
        f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 # a CPU group of its own, so that the stop flag's all-reduce never queues behind DDP's gradients
-stop = StopSignal(dist.new_group(backend="gloo") if ddp else None)
+doing = "creating the stop signal's process group"
+stop = StopSignal(dist.new_group(backend="gloo", timeout=dist_timeout) if ddp else None)
 step = start_step
 t_log, step_log, t_start, t_saved = time.time(), step, time.time(), time.time()
 low_streak = 0  # log steps in a row at which head 0 used few classes
