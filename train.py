@@ -88,7 +88,6 @@ flags.add_argument("--sela_lamb", type=float, default=None, help="SeLa: Sinkhorn
                    "default: 10 on cifar10/cifar100 as SeLa's CIFAR code, else 25 as its ImageNet code)")
 flags.add_argument("--queue_len", type=int, default=None, help="nearest-neighbour queue length in samples (0 = off); "
                    "Self-Classifier only: TWIST and SeLa never use one, and refuse a nonzero length")
-OBJECTIVE_FLAGS = [a.dest for a in flags._group_actions]
 # augmentation
 parser.add_argument("--n_local", type=int, default=None, help="local crops per image (0 = two global crops only)")
 parser.add_argument("--size", type=int, default=None, help="global crop side in px")
@@ -431,7 +430,7 @@ if args.method == "sela":
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
               "size", "local_size", "crop_scale", "seed", "precision",
-              *OBJECTIVE_FLAGS)  # --row_tau, --col_tau, ... and any flag added to that group
+              *(a.dest for a in flags._group_actions))  # --row_tau, --col_tau, ... and any flag added there
 # what checkpoints older than a flag trained with
 BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
 start_step = 0
