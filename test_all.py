@@ -12,6 +12,11 @@ import pickle
 import subprocess
 import sys
 
+# One compute thread in this process and every command it starts, unless the caller chose: the runs here are
+# small, two side by side then share 2 cores without waiting, and runs compared bit for bit use the same count.
+# (Set before torch loads, which reads it.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -40,8 +45,7 @@ def run(cmd, timeout=600, env=None):
 def side_by_side(*cmds, timeout=600, env=None, ok=True):
     """Start the commands at once from the repository folder and wait for all. Each must succeed (ok) or
     fail (ok=False; or one bool per command); their standard outputs if ok, else standard output and error."""
-    # one compute thread each: the runs here are small, and two side by side share the 2 cores without waiting
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for c in cmds]
     outs = []

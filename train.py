@@ -360,6 +360,18 @@ def center_crop_set(split):
     return ds
 
 
+def pass_loader(ds, batch_size):
+    """A loader for passes beside training (scoring, SeLa's relabelling) over this process's share of ds. Its
+    workers are forked now, once, and persist: a worker forked later, beside the training loader's threads, was
+    seen to hang on a lock at its start (docs/experiments.md, "a restart after a crash")."""
+    share = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    loader_ = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=args.workers,
+                                          persistent_workers=args.workers > 0)
+    if args.workers:
+        iter(loader_)
+    return loader_
+
+
 # --eval_every: the evaluation split, checked now rather than at the first epoch's end
 eval_set, labelled, n_true = None, False, 1  # n_true: rows of the (true class x class) table; 1 without labels
 if args.eval_every:
@@ -367,6 +379,7 @@ if args.eval_every:
         eval_set = center_crop_set("eval")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--eval_every {args.eval_every}: {e}\n(--eval_every 0 trains without scoring)") from None
+    eval_loader = pass_loader(eval_set, 256)
     labelled = args.dataset != "folder" or bool(eval_set.classes)
     if labelled:
         n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
@@ -422,6 +435,7 @@ if args.method == "sela":
     label_set = center_crop_set("train")  # the relabelling pass sees each training image once, as a center crop
     if args.dataset == "folder":
         label_set.drop(skipped)
+    label_loader = pass_loader(label_set, local_batch)
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     relabel_steps = {int(total_steps * f) for f in relabel_points()}
@@ -493,14 +507,12 @@ def relabel():
     """SeLa: log p(y|x) of every training image (center crops, eval mode), then Sinkhorn-Knopp per
     head. Each process labels its share; the shares are gathered so every table is the same."""
     raw_model.eval()
-    mine = torch.arange(rank, len(label_set), world_size)
-    loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(label_set, mine.tolist()), batch_size=local_batch,
-                                          num_workers=args.workers)
+    mine = torch.arange(rank, len(label_set), world_size)  # label_loader's share
     # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
     # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
     log_p = [[] for _ in args.cls_sizes]
     progress = Progress("relabelling", len(label_set))
-    for x, _, _ in loader_:
+    for x, _, _ in label_loader:
         with autocast:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             for h, logits in enumerate(raw_model.predict(x)[1]):
@@ -549,10 +561,8 @@ def score_head0(epoch):
             dist.broadcast(b, 0)
     raw_model.eval()
     C = args.cls_sizes[0]
-    loader_ = torch.utils.data.DataLoader(torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world_size)),
-                                          batch_size=256, num_workers=args.workers)
     counts = torch.zeros(n_true * C, dtype=torch.long, device=device)
-    for x, y, _ in loader_:
+    for x, y, _ in eval_loader:
         with autocast:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             pred = raw_model.predict(x, heads=[0])[1][0].argmax(dim=1)
