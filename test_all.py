@@ -2003,8 +2003,11 @@ def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_
         if victim == "rank":
             target = torchrun_worker(p.pid, rank=1)
         else:
-            [target] = child_processes(torchrun_worker(p.pid, rank=0))  # rank 0's one data-loading process
-        os.kill(target, signal.SIGKILL)
+            # rank 0's data-loading processes: the training loader's and the scoring loader's (one each)
+            target = child_processes(torchrun_worker(p.pid, rank=0))
+            assert len(target) == 2, target
+        for pid in [target] if victim == "rank" else target:
+            os.kill(pid, signal.SIGKILL)
         p.wait(timeout=300)
     finally:
         if p.poll() is None:

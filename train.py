@@ -365,8 +365,10 @@ def pass_loader(ds, batch_size):
     workers are forked now, once, and persist: a worker forked later, beside the training loader's threads, was
     seen to hang on a lock at its start (docs/experiments.md, "a restart after a crash")."""
     share = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    # a generator of its own: starting the workers draws a seed, which must not move the global one before the
+    # model's initial weights are drawn
     loader_ = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=args.workers,
-                                          persistent_workers=args.workers > 0)
+                                          persistent_workers=args.workers > 0, generator=torch.Generator())
     if args.workers:
         iter(loader_)
     return loader_
@@ -379,7 +381,6 @@ if args.eval_every:
         eval_set = center_crop_set("eval")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--eval_every {args.eval_every}: {e}\n(--eval_every 0 trains without scoring)") from None
-    eval_loader = pass_loader(eval_set, 256)
     labelled = args.dataset != "folder" or bool(eval_set.classes)
     if labelled:
         n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
@@ -389,6 +390,7 @@ if args.eval_every:
             raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0]}; remove or "
                              f"fix them, pass --skip_unreadable, or --eval_every 0")
         eval_set.drop(bad)
+    eval_loader = pass_loader(eval_set, 256)
 sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
 loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
                                      pin_memory=use_cuda, drop_last=True, persistent_workers=args.workers > 0)
