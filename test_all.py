@@ -1463,6 +1463,18 @@ def same_records(straight, resumed):
         assert a == b, kind
 
 
+def same_state(a_dir, b_dir):
+    """The two runs' checkpoints hold the same step, weights and momenta, bit for bit; both checkpoints."""
+    a = torch.load(f"{a_dir}/ckpt.pt", weights_only=True)
+    b = torch.load(f"{b_dir}/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    return a, b
+
+
 @slow
 @pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
@@ -1494,13 +1506,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
     assert "resumed from" in log
     assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
     same_records(straight, out)
-    a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
-    b = torch.load(f"{out}/ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    a, b = same_state(straight, out)
     if method == "sela":
         assert torch.equal(a["pseudo_labels"], b["pseudo_labels"])
     if method == "self_classifier":  # the nearest-neighbour queue was full and in use, and is restored exactly
@@ -1905,13 +1911,7 @@ def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, npro
     assert f"resumed from {out}/ckpt.pt at epoch 0, step {stopped_at}" in log
     assert uninterrupted.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
     same_records(straight, out)
-    a = torch.load(f"{straight}/ckpt.pt", weights_only=True)
-    b = torch.load(f"{out}/ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 31
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert same_state(straight, out)[0]["step"] == 31
 
 
 # -----------------------------------------------------------------------------
@@ -1938,16 +1938,6 @@ def child_processes(pid):
         except OSError:  # gone
             continue
     return kids
-
-
-def same_state(a_dir, b_dir):
-    a = torch.load(f"{a_dir}/ckpt.pt", weights_only=True)
-    b = torch.load(f"{b_dir}/ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
-        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
 
 
 def test_attempt_number_is_agreed_and_new_after_a_restart():
