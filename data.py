@@ -321,6 +321,21 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(i, self.epoch) for i in mine.flatten().tolist()])
 
 
+def pass_loader(ds, batch_size, rank, world_size, workers):
+    """A loader for passes beside training (scoring, SeLa's relabelling) over this process's share of ds, every
+    world_size-th image from rank. Its workers are forked now, once, and persist: a worker forked later, beside
+    the training loader's threads, was seen to hang on a lock at its start (docs/experiments.md, "a restart
+    after a crash"). Build it before the training loader's first pass."""
+    share = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+    # a generator of its own: starting the workers draws a seed, which must not move the global one (the
+    # model's initial weights are drawn after)
+    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=workers > 0, generator=torch.Generator())
+    if workers:
+        iter(loader)
+    return loader
+
+
 def _require(path, what):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: expected {what}")

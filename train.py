@@ -360,20 +360,6 @@ def center_crop_set(split):
     return ds
 
 
-def pass_loader(ds, batch_size):
-    """A loader for passes beside training (scoring, SeLa's relabelling) over this process's share of ds. Its
-    workers are forked now, once, and persist: a worker forked later, beside the training loader's threads, was
-    seen to hang on a lock at its start (docs/experiments.md, "a restart after a crash")."""
-    share = torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
-    # a generator of its own: starting the workers draws a seed, which must not move the global one before the
-    # model's initial weights are drawn
-    loader_ = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=args.workers,
-                                          persistent_workers=args.workers > 0, generator=torch.Generator())
-    if args.workers:
-        iter(loader_)
-    return loader_
-
-
 # --eval_every: the evaluation split, checked now rather than at the first epoch's end
 eval_set, labelled, n_true = None, False, 1  # n_true: rows of the (true class x class) table; 1 without labels
 if args.eval_every:
@@ -390,7 +376,7 @@ if args.eval_every:
             raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0]}; remove or "
                              f"fix them, pass --skip_unreadable, or --eval_every 0")
         eval_set.drop(bad)
-    eval_loader = pass_loader(eval_set, 256)
+    eval_loader = data.pass_loader(eval_set, 256, rank, world_size, args.workers)
 sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
 loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
                                      pin_memory=use_cuda, drop_last=True, persistent_workers=args.workers > 0)
@@ -437,7 +423,7 @@ if args.method == "sela":
     label_set = center_crop_set("train")  # the relabelling pass sees each training image once, as a center crop
     if args.dataset == "folder":
         label_set.drop(skipped)
-    label_loader = pass_loader(label_set, local_batch)
+    label_loader = data.pass_loader(label_set, local_batch, rank, world_size, args.workers)
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
     relabel_steps = {int(total_steps * f) for f in relabel_points()}
@@ -509,7 +495,7 @@ def relabel():
     """SeLa: log p(y|x) of every training image (center crops, eval mode), then Sinkhorn-Knopp per
     head. Each process labels its share; the shares are gathered so every table is the same."""
     raw_model.eval()
-    mine = torch.arange(rank, len(label_set), world_size)  # label_loader's share
+    mine = torch.tensor(label_loader.dataset.indices, dtype=torch.long)  # this process's share of the training images
     # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
     # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
     log_p = [[] for _ in args.cls_sizes]
