@@ -136,6 +136,7 @@ import metrics
 from lars import LARS
 from loss import all_gather_cat
 from model import build_model, read_pretrained
+from preempt import exit_process
 from progress import Progress
 
 if args.dataset is not None and args.dataset not in data.DATASETS:
@@ -510,3 +511,4 @@ if master:
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
 if ddp:
     dist.destroy_process_group()
+    exit_process(0)

@@ -1974,6 +1974,19 @@ def test_attempt_number_is_agreed_and_new_after_a_restart():
     assert "attempt3/join2" in str(alone[0]) and "rank 0 did not answer rank 1" in str(alone[1])
 
 
+def test_exit_process_keeps_the_status_and_output_and_ends_the_data_workers():
+    # the end of every process of a torchrun job: no Python teardown for a gloo thread to abort, nothing left over
+    code = ("import torch, data, preempt\n"
+            "loader = data.pass_loader(torch.utils.data.TensorDataset(torch.arange(8)), 2, 0, 1, workers=2)\n"
+            "print(sum(len(b[0]) for b in loader), *(p.pid for p in __import__('multiprocessing').active_children()))\n"
+            "preempt.exit_process(75)\n")
+    p = subprocess.run([PY, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 75, p.stderr
+    n, *workers = map(int, p.stdout.split())
+    assert n == 8 and len(workers) == 2 and p.stderr == ""
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+
+
 @slow
 @pytest.mark.parametrize("victim", ["rank", "data_worker"])
 def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_processes, tmp_path, victim):

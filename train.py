@@ -28,7 +28,7 @@ import loss as losses
 import metrics
 from lars import LARS
 from model import NNQueue, build_model, init_from, load_checkpoint, read_pretrained, sync_bn_groups
-from preempt import REQUEUE_STATUS, StopSignal, init_process_group
+from preempt import REQUEUE_STATUS, StopSignal, exit_process, init_process_group
 from progress import Progress, fmt_time
 
 # -----------------------------------------------------------------------------
@@ -597,6 +597,8 @@ def exit_for_requeue(step):
         dist.destroy_process_group()
     print0(f"stopped by {stop.name} after step {step}/{total_steps}: saved {ckpt_path}; the same command resumes "
            f"from this step (exit status {REQUEUE_STATUS})")
+    if ddp:
+        exit_process(REQUEUE_STATUS)
     raise SystemExit(REQUEUE_STATUS)
 
 
@@ -716,3 +718,4 @@ stop.close()
 print0(f"done: {args.epochs} epochs in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
+    exit_process(0)
