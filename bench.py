@@ -1,7 +1,9 @@
 """Benchmarks: every figure is the median of several runs, with its baseline measured in the same run.
+And the README's result tables measured again on this machine, seed by seed, as a user would run them.
 
     python bench.py                 # all parts, a few minutes on 2 CPU cores
     python bench.py --only step loss
+    python bench.py --results synthetic breaking   # the README's tables: about 25 min on 2 idle cores
 """
 import argparse
 import json
@@ -20,6 +22,16 @@ parser.add_argument("--only", nargs="+",
                     default=["step", "data", "eval", "precision", "watch", "memory", "loss", "stop"],
                     help="parts to run: step data eval precision watch memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
+parser.add_argument("--results", nargs="+", choices=["synthetic", "breaking", "fashion_mnist"],
+                    help="instead of the benchmarks, train and score the README's result tables again (train.py, then "
+                         "evaluate.py, per seed) and print them as the README does: synthetic (18 runs) and breaking "
+                         "(15 more) about 25 min on 2 idle cores, fashion_mnist (6 runs) about 90 min")
+parser.add_argument("--seeds", type=int, default=None, help="--results: only the first N seeds of each row")
+parser.add_argument("--jobs", type=int, default=2, help="--results: runs side by side")
+parser.add_argument("--threads", type=int, default=1, help="--results: compute threads per run (OMP_NUM_THREADS); "
+                    "the README's figures are of one thread, and another count rounds differently")
+parser.add_argument("--results_dir", default="out/results", help="--results: one folder per run; a run that has "
+                    "its metrics.json is reused, so an interrupted command continues where it stopped")
 args, _ = parser.parse_known_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -412,6 +424,92 @@ def bench_stop():
             f"{r[k]['ratio']:.3f} x none; the check itself {r[k]['check_us']:,.0f} us/step")
 
 
+# -----------------------------------------------------------------------------
+# 9. the README's result tables, trained and scored again: each row over its seeds, as mean +- std (min-max)
+
+ROWS = {  # table: (row, dataset, train.py flags, seeds)
+    "synthetic": [("Self-Classifier", "synthetic", [], range(8)),
+                  ("TWIST", "synthetic", ["--method", "twist"], range(5)),
+                  ("SeLa", "synthetic", ["--method", "sela"], range(5))],
+    "breaking": [(flag or "(none)", "synthetic", flag.split(), range(5))
+                 for flag in ("", "--no_prior", "--col_tau 1.0", "--row_tau 1.0")],
+    "fashion_mnist": [("Self-Classifier", "fashion_mnist", [], range(6))],
+}
+
+
+def result_run(dataset, flags, seed):
+    """train.py then evaluate.py for one seed, in a folder of its own (reused once it has metrics.json); the
+    scores, the last log step and whether the collapse banner came up."""
+    out = os.path.join(args.results_dir, "-".join([dataset, *(f.strip("-") for f in flags), f"s{seed}"]))
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "train.out"), "w") as log:
+            for cmd in ([sys.executable, "train.py", "--dataset", dataset, *flags, "--seed", str(seed), "--out_dir", out],
+                        [sys.executable, "evaluate.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--no_figures"]):
+                if subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    raise SystemExit(f"failed: {' '.join(cmd)}; its output is in {log.name}")
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in records if r.get("kind") == "step"]
+    return dict(json.load(open(os.path.join(out, "metrics.json"))), last=steps[-1], seconds=records[-1].get("time"),
+                collapse="COLLAPSE?" in open(os.path.join(out, "train.out")).read(),
+                one_class_at=next((r["step"] for r in steps if r["classes"] == 1), None))
+
+
+def spread(values, digits=3):
+    """One cell: the value where every seed gives it (at these digits), else mean +- std (min-max)."""
+    v = np.array(values, dtype=float)
+    if np.all(np.round(v, digits) == np.round(v[0], digits)):
+        return f"{v[0]:.{digits}f} each"
+    return f"{v.mean():.{digits}f} +- {v.std():.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
+
+
+def seeds_of(seeds):
+    return f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+def bench_results():
+    from concurrent.futures import ThreadPoolExecutor
+    t0 = time.time()
+    if args.seeds:
+        for rows in ROWS.values():
+            rows[:] = [(name, dataset, flags, seeds[:args.seeds]) for name, dataset, flags, seeds in rows]
+    runs = {(dataset, tuple(flags), s) for table in args.results for _, dataset, flags, seeds in ROWS[table] for s in seeds}
+    print(f"{len(runs)} runs, {args.jobs} side by side, {args.threads} thread(s) each, in {args.results_dir}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own processes: threads only wait for them
+        done = dict(zip(sorted(runs), pool.map(lambda r: result_run(r[0], list(r[1]), r[2]), sorted(runs))))
+    for table in args.results:
+        print(f"\n{table}, {args.threads} thread(s) per run:\n")
+        if table == "breaking":
+            print("| flag, seeds | the log (last step) | head 0 ACC | head 0 NMI | kNN top-1 |\n|---|---|---|---|---|")
+        else:
+            cols = ["nmi", "ari", "acc", "knn_top1"] + (["linear_top1"] if table == "fashion_mnist" else [])
+            print(f"| method, seeds | {' | '.join(cols)} |\n|{'---|' * (len(cols) + 1)}")
+        for name, dataset, flags, seeds in ROWS[table]:
+            rs = [done[dataset, tuple(flags), s] for s in seeds]
+            if table == "breaking":
+                classes = sorted({r["last"]["classes"] for r in rs})
+                log = f"`classes {classes[0]}/10`" if len(classes) == 1 else f"`classes {classes[0]}-{classes[-1]}/10`"
+                firsts = [r["one_class_at"] for r in rs]
+                if None not in firsts:
+                    log += f" from step {min(firsts)}" + (f"-{max(firsts)}" if max(firsts) > min(firsts) else "")
+                log += f", loss {spread([r['last']['loss'] for r in rs], 4)}"
+                if any(r["collapse"] for r in rs):
+                    log += f", `COLLAPSE?` in {sum(r['collapse'] for r in rs)} of {len(rs)}"
+                print(f"| {name}, {seeds_of(seeds)} | {log} | {spread([r['acc'] for r in rs])} | "
+                      f"{spread([r['nmi'] for r in rs])} | {spread([r['knn_top1'] for r in rs])} |")
+            else:
+                print(f"| {name}, {seeds_of(seeds)} | " + " | ".join(spread([r[c] for r in rs]) for c in cols) + " |")
+        pixels = [done[d, tuple(f), s] for _, d, f, seeds in ROWS[table][:1] for s in seeds[:1]]
+        if table == "fashion_mnist" and "kmeans_pixels_acc" in pixels[0]:
+            p = pixels[0]
+            print(f"| k-means on raw pixels | {p['kmeans_pixels_nmi']:.3f} | {p['kmeans_pixels_ari']:.3f} | "
+                  f"{p['kmeans_pixels_acc']:.3f} | | |")
+        secs = [done[d, tuple(f), s]["seconds"] for _, d, f, seeds in ROWS[table] for s in seeds]
+        print(f"\ntraining time per run {min(secs):.0f}-{max(secs):.0f} s")
+    print(f"\n{len(runs)} runs in {(time.time() - t0) / 60:.1f} min")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "loss_worker":
         loss_worker(*sys.argv[2:4])
@@ -420,6 +518,9 @@ if __name__ == "__main__":
         stop_worker(sys.argv[2])
         sys.exit()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    if args.results:
+        bench_results()
+        sys.exit()
     for part in args.only:
         {"step": bench_step, "data": bench_data, "eval": bench_eval, "precision": bench_precision, "watch": bench_watch,
          "memory": bench_memory, "loss": bench_loss, "stop": bench_stop}[part]()
