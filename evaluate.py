@@ -264,7 +264,8 @@ def leave_out_unreadable(ds, split, bad):
             except RuntimeError as e:
                 return str(e.__cause__ or e)
 
-        raise SystemExit(f"{len(bad)} of {len(ds)} files below {ds.root} cannot be decoded (changed since training?):\n  "
+        raise SystemExit(1 if not master else  # every process stops; one says why
+                         f"{len(bad)} of {len(ds)} files below {ds.root} cannot be decoded (changed since training?):\n  "
                          + "\n  ".join(f"{f}: {reason(i)}" for f, i in zip(names[:10], bad)) + ("\n  ..." if len(bad) > 10 else "")
                          + "\nremove or fix them, or pass --skip_unreadable to score without them")
     print0(f"skipped {len(bad)} unreadable files of the {split} split: {', '.join(names[:10])}"

@@ -1175,6 +1175,8 @@ def test_evaluate_writes_every_metric_and_figure(tiny_runs, tiny_metrics):
     assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
     assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
     assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
+    assert m["kmeans_pixels_input"] == "the 4,488 stored images, 16 x 16 x 3"  # k-means on pixels: which, said
+    assert m["head0_minus_kmeans"]["kmeans_pixels_acc"] == round(m["acc"] - m["kmeans_pixels_acc"], 4)
     # train.py's in-training score of the last epoch is evaluate.py's on the same checkpoint
     same_eval_scores(log_records(tiny_runs["self_classifier"][1], "eval")[-1], m)
     import matplotlib.image
@@ -2363,6 +2365,25 @@ def test_evaluate_folder_relative_data_dir_of_the_checkpoint_is_explained(folder
     printed = evaluate_here(monkeypatch, capsys, "--ckpt", f"{out}/ckpt.pt", "--workers", "0", "--no_figures",
                             cwd=str(tmp_path))  # from where training ran, it is found
     assert "wrote" in printed and json.load(open(f"{out}/metrics.json"))["num_eval"] == 120
+
+
+@slow
+def test_evaluate_folder_command_lines_refuse_a_bad_file_and_skip_it_on_one_and_two_processes(folder_run, tmp_path):
+    out, _, (root, _, _) = folder_run
+    bad = sorted(os.listdir(os.path.join(root, "c3")))[0]
+    open(os.path.join(root, "c3", bad), "wb").write(b"broken")
+    cmd = ["evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--dataset", "folder", "--data_dir", root, "--holdout", "0",
+           "--no_figures", "--batch_size", "16"]  # two data workers, the default
+    [err] = fails([PY, *cmd])
+    assert f"1 of 120 files below {root} cannot be decoded" in err and f"c3/{bad}: " in err and "Traceback" not in err
+    logs = side_by_side([PY, *cmd, "--skip_unreadable", "--out_dir", str(tmp_path / "one")],
+                        torchrun(*cmd, "--skip_unreadable", "--out_dir", str(tmp_path / "two")))
+    assert all(f"skipped 1 unreadable files of the eval split: c3/{bad}" in log for log in logs)
+    one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    # each process read half the pictures; gathered, the same pixels, features and scores as one process
+    keys = ["nmi", "acc"] + [f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")]
+    assert one["num_eval"] == two["num_eval"] == 119 and one["verdict"] == two["verdict"]
+    assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-9)
 
 
 def test_clusters_csv_has_the_true_class_where_labelled(folder_run, monkeypatch, capsys):
