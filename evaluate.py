@@ -198,17 +198,28 @@ class Flagged(torch.utils.data.Dataset):
 
 
 # k-means on raw pixels: the in-memory datasets' stored images; a folder's or ImageNet's evaluation crops as the
-# network sees them before normalisation, area-averaged to at most PIXEL_SIDE px and, beyond PIXEL_MAX pictures, a
-# fixed random PIXEL_MAX of them: k-means costs pictures x pixels x classes per iteration, which on ImageNet's
-# 50,000 full crops and 1,000 classes would take days on a CPU
-PIXEL_SIDE, PIXEL_MAX = 32, 10_000
+# network sees them before normalisation, area-averaged to 32 px or less and, beyond what fits, a fixed random subset
+# of the pictures. An iteration of k-means costs pictures x pixels x classes: at most PIXEL_WORK of it, a few seconds
+# on a CPU core (docs/experiments.md, "evaluate.py on your own folder"); ImageNet's 50,000 crops of 224 px with 1,000
+# classes would take days
+PIXEL_MAX, PIXEL_WORK = 10_000, 10 ** 8
+
+
+def pixel_plan(n, k):
+    """(side in px, pictures) for k-means on the raw pixels of n pictures in k classes: the largest side of 32, 16
+    or 8 px (at most the crop's) at which PIXEL_WORK allows ten pictures a class (or all n); None where none does."""
+    for side in (min(size, s) for s in (32, 16, 8)):
+        m = min(n, PIXEL_MAX, PIXEL_WORK // (train_args["in_chans"] * side * side * k))
+        if m >= min(n, 10 * k):
+            return side, m
+    return None
 
 
 @torch.no_grad()
-def extract(ds, split, pixels=None):
+def extract(ds, split, pixels=None, side=None):
     """Backbone features, head-0 logits and labels of every sample, in dataset order; the indices of the samples
     that could not be decoded (their rows are blank); and, for the samples of the bool mask pixels, their
-    evaluation crops before normalisation, at most PIXEL_SIDE px, as (pixels.sum(), D) floats in [0, 1].
+    evaluation crops before normalisation, area-averaged to side px, as (pixels.sum(), D) floats in [0, 1].
 
     Each process takes every world_size-th sample; the shares are padded to one length and gathered."""
     n = len(ds)
@@ -220,7 +231,6 @@ def extract(ds, split, pixels=None):
     if pixels is not None:
         slot = torch.full((n,), -1, dtype=torch.long)
         slot[pixels] = torch.arange(int(pixels.sum()))
-        side = min(size, PIXEL_SIDE)
         px = torch.zeros(int(pixels.sum()), train_args["in_chans"] * side * side, device=device)
         mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (MEAN, STD))
     feats, logits, labels, index, good = [], [], [], [], []
@@ -390,11 +400,13 @@ def verdict(results, head_on_pixels, subset):
             below.append(f"{what} ({'; '.join(worse)})")
     if not below:
         return gaps, None
-    line = (f"head 0 scores below {' and below '.join(below)}: try a sharper crop range --crop_scale 0.8 1, more "
-            f"--epochs, another --seed")
-    if any(k.startswith("kmeans_pixels") and v < 0 for k, v in gaps.items()) and dataset_name == "folder":
-        line += "; for small greyscale pictures --channels 1 and a --size near their side"
-    return gaps, line
+    tries = ["a sharper crop range --crop_scale 0.8 1"] if train_args.get("crop_scale", [0])[0] < 0.8 else []
+    tries += [f"more --epochs (than {train_args['epochs']})" if "epochs" in train_args else "more --epochs",
+              f"another --seed (than {train_args.get('seed', 0)})"]
+    if any(k.startswith("kmeans_pixels") and v < 0 for k, v in gaps.items()) and train_args["in_chans"] == 3 \
+            and dataset_name == "folder":
+        tries.append("for small greyscale pictures --channels 1 and a --size near their side")
+    return gaps, f"head 0 scores below {' and below '.join(below)}: try {', '.join(tries)}"
 
 
 # -----------------------------------------------------------------------------
@@ -409,11 +421,13 @@ except (FileNotFoundError, ValueError) as e:
                          f"to the folder it ran in, not to {os.getcwd()}: run from there, or pass --data_dir)") from None
     raise SystemExit(str(e)) from None
 # the pictures k-means on raw pixels sees, where they are not in memory: the crops extract passes to the network
-pixel_mask, pixel_note = None, None
+pixel_mask, plan = None, None
 if not args.no_kmeans and not hasattr(eval_ds, "images") and getattr(eval_ds, "classes", True):
-    pixel_mask = torch.zeros(len(eval_ds), dtype=torch.bool)
-    pixel_mask[torch.randperm(len(eval_ds), generator=torch.Generator().manual_seed(0))[:PIXEL_MAX]] = True
-eval_f, eval_logits, eval_y, bad, eval_px = extract(eval_ds, "eval", pixel_mask)
+    plan = pixel_plan(len(eval_ds), len(eval_ds.classes) if dataset_name == "folder" else num_classes)
+    if plan:
+        pixel_mask = torch.zeros(len(eval_ds), dtype=torch.bool)
+        pixel_mask[torch.randperm(len(eval_ds), generator=torch.Generator().manual_seed(0))[:plan[1]]] = True
+eval_f, eval_logits, eval_y, bad, eval_px = extract(eval_ds, "eval", pixel_mask, plan and plan[0])
 keep = leave_out_unreadable(eval_ds, "eval", bad)
 if keep is not None:
     eval_f, eval_logits, eval_y = eval_f[keep.to(device)], eval_logits[keep.to(device)], eval_y[keep.to(device)]
@@ -466,9 +480,11 @@ if not args.no_kmeans and master:
     if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets
         results["kmeans_pixels_input"] = f"the {len(y):,} stored images, {' x '.join(map(str, eval_ds.images.shape[1:]))}"
         results.update(kmeans_scores(eval_ds.images.reshape(len(y), -1) / 255.0, y, "kmeans_pixels"))
-    elif pixel_mask is not None:
-        pm = pixel_mask.numpy()
-        side = min(size, PIXEL_SIDE)
+    elif pixel_mask is None:
+        results["kmeans_pixels_input"] = (f"none: ten pictures a class of {num_classes:,} classes, even at 8 px, exceed "
+                                          f"{PIXEL_WORK:.0e} pictures x pixels x classes an iteration")
+    else:
+        pm, side = pixel_mask.numpy(), plan[0]
         results["kmeans_pixels_input"] = (f"{pm.sum():,} of the {len(y):,} evaluation pictures"
                                           + (" at random (seed 0)" if pm.sum() < len(y) else "")
                                           + f", their {size}-px center crops" + (f" averaged to {side} px" if side < size else ""))

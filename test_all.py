@@ -2321,8 +2321,12 @@ def test_evaluate_folder_kmeans_on_raw_pixels_and_the_verdict(folder_run, monkey
     assert len(lines) == (min(gaps.values()) < 0) and m["verdict"] == (lines or [m["verdict"]])[0]
     assert gaps["kmeans_acc"] < 0  # two steps of training: below its own features, as the line says
     assert f"k-means on its own backbone features (ACC {m['acc']:.3f} vs {m['kmeans_acc']:.3f}" in lines[0]
-    assert "--crop_scale 0.8 1" in lines[0] and "--epochs" in lines[0] and "--seed" in lines[0]
-    assert ("k-means on raw pixels" in lines[0]) == (min(gaps["kmeans_pixels_acc"], gaps["kmeans_pixels_nmi"]) < 0)
+    # what to try, from what the run used (crops of 0.5-1, one epoch, seed 0, colour pictures)
+    pixels_below = min(gaps["kmeans_pixels_acc"], gaps["kmeans_pixels_nmi"]) < 0
+    assert lines[0].split(": try ")[1] == ("a sharper crop range --crop_scale 0.8 1, more --epochs (than 1), another "
+                                           "--seed (than 0)" + (", for small greyscale pictures --channels 1 and a "
+                                                                "--size near their side" if pixels_below else ""))
+    assert ("k-means on raw pixels" in lines[0]) == pixels_below
     printed = evaluate_here(monkeypatch, capsys, *flags, "--no_kmeans")
     m = json.load(open(f"{out}/metrics.json"))
     assert "head 0 scores below" not in printed and not {"verdict", "head0_minus_kmeans", "kmeans_pixels_acc"} & set(m)
@@ -2384,6 +2388,29 @@ def test_evaluate_folder_command_lines_refuse_a_bad_file_and_skip_it_on_one_and_
     keys = ["nmi", "acc"] + [f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")]
     assert one["num_eval"] == two["num_eval"] == 119 and one["verdict"] == two["verdict"]
     assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-9)
+
+
+@slow
+def test_evaluate_folder_kmeans_on_a_random_subset_of_pixels_where_all_would_cost_too_much(tiny_runs, tmp_path,
+                                                                                         monkeypatch, capsys):
+    # 1,400 pictures of 16 x 16 x 3 in 100 classes: 10^8 / (768 x 100) = 1,302 of them fit an iteration's budget
+    from PIL import Image
+    out, _ = copy_of(tiny_runs, tmp_path)
+    images, _ = data.make_synthetic(1400, seed=4)
+    for i, img in enumerate(images):
+        os.makedirs(tmp_path / "many" / f"k{i % 100:03d}", exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "many" / f"k{i % 100:03d}" / f"{i:04d}.png")
+    evaluate_here(monkeypatch, capsys, "--ckpt", f"{out}/ckpt.pt", "--dataset", "folder", "--data_dir",
+                  str(tmp_path / "many"), "--holdout", "0", "--workers", "0", "--no_figures")
+    m = json.load(open(f"{out}/metrics.json"))
+    assert m["kmeans_pixels_input"] == "1,302 of the 1,400 evaluation pictures at random (seed 0), their 16-px center crops"
+    # head 0 is compared with it on the same pictures
+    mask = torch.zeros(1400, dtype=torch.bool)
+    mask[torch.randperm(1400, generator=torch.Generator().manual_seed(0))[:1302]] = True
+    saved = np.load(f"{out}/predictions.npz")
+    head = cluster_metrics(saved["label"][mask.numpy()], saved["pred"][mask.numpy()])
+    assert m["head0_minus_kmeans"]["kmeans_pixels_nmi"] == round(head["nmi"] - m["kmeans_pixels_nmi"], 4)
+    assert "k-means on raw pixels (on the same 1,302 pictures)" in m["verdict"]
 
 
 def test_clusters_csv_has_the_true_class_where_labelled(folder_run, monkeypatch, capsys):
