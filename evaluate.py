@@ -200,8 +200,8 @@ class Flagged(torch.utils.data.Dataset):
 # k-means on raw pixels: the in-memory datasets' stored images; a folder's or ImageNet's evaluation crops as the
 # network sees them before normalisation, area-averaged to 32 px or less and, beyond what fits, a fixed random subset
 # of the pictures. An iteration of k-means costs pictures x pixels x classes: at most PIXEL_WORK of it, a few seconds
-# on a CPU core (docs/experiments.md, "evaluate.py on your own folder"); ImageNet's 50,000 crops of 224 px with 1,000
-# classes would take days
+# on a CPU core (docs/experiments.md, "evaluate.py on your own folder"), where ImageNet's 50,000 crops of 224 px with
+# 1,000 classes would take days an iteration
 PIXEL_MAX, PIXEL_WORK = 10_000, 10 ** 8
 
 
