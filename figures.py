@@ -134,7 +134,7 @@ def plot_examples(ds, pred, conf, y, path, mean, std, num_classes, rows=20, cols
         draw(axes[r], best, sample, half, ds, mean, std)
         axes[r][0].set_title(class_title(c, members, y, names), fontsize=7, loc="left")
     fig.suptitle("each class: its most confident pictures | others at random", fontsize=8)
-    fig.tight_layout(pad=0.2)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.2 / fig.get_figheight()))
     return save(fig, path)
 
 
@@ -179,13 +179,14 @@ def plot_class_sheets(ds, pred, conf, y, out_dir, mean, std, num_classes, names=
         members = np.flatnonzero(pred == c)
         best, sample = pick(members, conf, c, side * half)
         rows = -(-max(len(best), len(sample)) // half)
-        fig, axes = plt.subplots(rows, side + 1, figsize=((side + 1) * 0.9, rows * 0.9 + 0.5), squeeze=False,
+        fig, axes = plt.subplots(rows, side + 1, figsize=((side + 1) * 0.9, rows * 0.9 + 0.6), squeeze=False,
                                  gridspec_kw=dict(width_ratios=[1] * half + [0.25] + [1] * half))
         for r in range(rows):
             draw(axes[r], best[r * half:(r + 1) * half], sample[r * half:(r + 1) * half], half, ds, mean, std)
-        fig.suptitle(f"{class_title(c, members, y, names)}\nleft: the {len(best)} most confident; right: "
-                     f"{len(sample)} others at random", fontsize=8)
-        fig.tight_layout(pad=0.2)
+        shown = (f"left: the {len(best)} most confident; right: {len(sample)} others at random" if len(sample) else
+                 f"all {len(best)}, the most confident first")
+        fig.suptitle(f"{class_title(c, members, y, names)}\n{shown}", fontsize=8)
+        fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # the title's two lines kept clear
         figs.append(save(fig, os.path.join(out_dir, "clusters", f"class_{c:03d}.png"), dpi=80))
     return figs
 
