@@ -162,7 +162,8 @@ def load_split(split, transform):
         ds.draft_side = size  # the evaluation crop's side: the decode need not be larger
         # skipped.txt's paths are below the folder training read (DIR or DIR/train), or below DIR
         full = lambda f: os.path.normpath(os.path.join(ds.root, f))
-        known = {os.path.normpath(os.path.join(r, f)) for f in skipped for r in (data.folder_splits(data_dir)[0], data_dir)}
+        roots = (data.folder_splits(data_dir)[0], data_dir)
+        known = {os.path.normpath(os.path.join(r, f)) for f in skipped for r in roots}
         left_out = [f for f in ds.files if full(f) in known]
         ds.drop(left_out + [f for f in ds.files if full(f) in unreadable])
         if left_out:
@@ -275,8 +276,9 @@ def leave_out_unreadable(ds, split, bad):
                 return str(e.__cause__ or e)
 
         raise SystemExit(1 if not master else  # every process stops; one says why
-                         f"{len(bad)} of {len(ds)} files below {ds.root} cannot be decoded (changed since training?):\n  "
-                         + "\n  ".join(f"{f}: {reason(i)}" for f, i in zip(names[:10], bad)) + ("\n  ..." if len(bad) > 10 else "")
+                         f"{len(bad)} of {len(ds)} files below {ds.root} cannot be decoded (changed since training?):"
+                         + "".join(f"\n  {f}: {reason(i)}" for f, i in zip(names[:10], bad))
+                         + ("\n  ..." if len(bad) > 10 else "")
                          + "\nremove or fix them, or pass --skip_unreadable to score without them")
     print0(f"skipped {len(bad)} unreadable files of the {split} split: {', '.join(names[:10])}"
            + (", ..." if len(bad) > 10 else ""))
@@ -417,8 +419,9 @@ try:
     eval_ds = load_split("eval", eval_tf)
 except (FileNotFoundError, ValueError) as e:
     if args.data_dir is None and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
-        raise SystemExit(f"{e}\n(--data_dir {data_dir} is the checkpoint's, from the args training ran with, and relative "
-                         f"to the folder it ran in, not to {os.getcwd()}: run from there, or pass --data_dir)") from None
+        raise SystemExit(f"{e}\n(--data_dir {data_dir} is the checkpoint's, from the args training ran with, and "
+                         f"relative to the folder it ran in, not to {os.getcwd()}: run from there, or pass --data_dir)"
+                         ) from None
     raise SystemExit(str(e)) from None
 # the pictures k-means on raw pixels sees, where they are not in memory: the crops extract passes to the network
 pixel_mask, plan = None, None
@@ -478,7 +481,8 @@ if not args.no_kmeans and master:
     results.update(kmeans_scores(F.normalize(eval_f, dim=1).cpu().numpy(), y, "kmeans"))
     subset, head_on_pixels = "", results
     if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets
-        results["kmeans_pixels_input"] = f"the {len(y):,} stored images, {' x '.join(map(str, eval_ds.images.shape[1:]))}"
+        shape = " x ".join(map(str, eval_ds.images.shape[1:]))
+        results["kmeans_pixels_input"] = f"the {len(y):,} stored images, {shape}"
         results.update(kmeans_scores(eval_ds.images.reshape(len(y), -1) / 255.0, y, "kmeans_pixels"))
     elif pixel_mask is None:
         results["kmeans_pixels_input"] = (f"none: ten pictures a class of {num_classes:,} classes, even at 8 px, exceed "

@@ -2336,8 +2336,8 @@ def test_evaluate_folder_leaves_out_what_training_skipped_and_refuses_new_bad_fi
     out, flags, (root, _, labels) = folder_run
     files = sorted(f"{c}/{f}" for c in os.listdir(root) for f in os.listdir(os.path.join(root, c)))
     # skipped.txt: one line a file, path TAB reason, or (older runs) the path alone
-    (tmp := open(f"{out}/skipped.txt", "w")).write(f"{files[3]}\tcannot identify image file\n{files[50]}\n")
-    tmp.close()
+    with open(f"{out}/skipped.txt", "w") as f:
+        f.write(f"{files[3]}\tcannot identify image file\n{files[50]}\n")
     for f in (files[3], files[50]):
         open(os.path.join(root, f), "wb").write(b"not a picture")
     printed = evaluate_here(monkeypatch, capsys, *flags)
