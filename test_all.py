@@ -2333,7 +2333,7 @@ def test_evaluate_folder_kmeans_on_raw_pixels_and_the_verdict(folder_run, monkey
 
 
 def test_evaluate_folder_leaves_out_what_training_skipped_and_refuses_new_bad_files(folder_run, monkeypatch, capsys):
-    out, flags, (root, _, labels) = folder_run
+    out, flags, (root, _, _) = folder_run
     files = sorted(f"{c}/{f}" for c in os.listdir(root) for f in os.listdir(os.path.join(root, c)))
     # skipped.txt: one line a file, path TAB reason, or (older runs) the path alone
     with open(f"{out}/skipped.txt", "w") as f:
