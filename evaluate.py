@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+import figures
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a published network: the "
                     "Self-Classifier authors' .pth.tar, TWIST's or SeLa's ResNet file, a torchvision ResNet state_dict "
@@ -31,7 +33,11 @@ parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 parser.add_argument("--superclasses", action="store_true", help="cifar100: score against the 20 superclasses")
 parser.add_argument("--no_knn", action="store_true", help="skip the kNN classifier")
 parser.add_argument("--no_linear", action="store_true", help="skip the linear probe")
-parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means baselines")
+parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means baselines (on the backbone's features "
+                    "and on raw pixels) and the verdict that compares head 0 with them")
+parser.add_argument("--skip_unreadable", action="store_true", help="folder: score without the files that cannot be "
+                    "decoded now, naming them (default: name them and stop). Those training skipped, listed in "
+                    "skipped.txt beside --ckpt, are left out either way")
 parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
 parser.add_argument("--curves_only", action="store_true", help="only draw OUT/curves.png from the log.jsonl beside "
                     "--ckpt: no data, no model, and the checkpoint need not exist yet (a run in its first epoch)")
@@ -53,66 +59,6 @@ parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
 
-def read_log(path):
-    """The records of train.py's log.jsonl, skipping a line cut short by a kill; records written before the
-    log had kinds are epoch records."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append({"kind": "epoch", **json.loads(line)})
-            except ValueError:
-                pass
-    return records
-
-
-def plot_curves(log_path, path):
-    """Per log step: loss, learning rate, images/s, and head 0's classes used and balance (entropy of its class
-    sizes / log C) over the global batch; per evaluation (--eval_every): head 0's clustering metrics, classes used
-    and balance on the evaluation split. Dotted lines end epochs. Classes used and balance near their maximum
-    are healthy only where the classes are of about equal size, as the uniform prior assumes."""
-    import matplotlib.pyplot as plt
-    log = read_log(log_path)
-    steps = [r for r in log if r["kind"] == "step"] or [r for r in log if r["kind"] == "epoch"]  # older logs
-    evals = [r for r in log if r["kind"] == "eval"]
-    ends = [r["step"] for r in log if r["kind"] == "epoch"]
-    panels = [("loss", "loss"), ("lr", "learning rate"), ("img_s", "images / s"), ("classes", "classes used by head 0"),
-              ("balance", "balance of head 0 (1: classes equal)")]
-    panels = [(k, t) for k, t in panels if any(k in r for r in steps)]
-    scores = [k for k in ("nmi", "ami", "ari", "acc") if any(k in r for r in evals)]
-    n = len(panels) + bool(scores)
-    cols = min(3, n)
-    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.6 * cols, 2.8 * -(-n // cols)), squeeze=False)
-    axes = list(axes.flat)
-    for ax, (k, title) in zip(axes, panels):
-        pts = [(r["step"], r[k]) for r in steps if k in r]
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, ms=3, label="training batches")
-        if k in ("classes", "balance") and evals:
-            ax.plot([r["step"] for r in evals], [r[k] for r in evals], "o", ms=4, label="evaluation split")
-            ax.legend(fontsize=7)
-        ax.set_title(title, fontsize=10)
-        if k == "classes":
-            ax.set_ylim(bottom=0)
-    if scores:
-        ax = axes[len(panels)]
-        for k in scores:
-            ax.plot(*zip(*[(r["step"], r[k]) for r in evals if k in r]), marker="o", ms=3, label=k.upper())
-        ax.set_title("head 0 on the evaluation split", fontsize=10)
-        ax.legend(fontsize=7)
-    stride = -(-len(ends) // 20)  # at most about 20 epoch lines
-    last = max(r["step"] for r in log)
-    for ax in axes[:n]:
-        ax.set_xlim(0, last * 1.03)
-        for s in ends[stride - 1::stride]:
-            ax.axvline(s, color="grey", ls=":", lw=0.8)
-        ax.set_xlabel("step (dotted: epoch ends)", fontsize=8)
-    for ax in axes[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 if args.curves_only:
     log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
     if not os.path.isfile(log_path):
@@ -121,7 +67,9 @@ if args.curves_only:
     matplotlib.use("Agg")
     out_dir = args.out_dir or os.path.dirname(log_path)
     os.makedirs(out_dir, exist_ok=True)
-    plot_curves(log_path, os.path.join(out_dir, "curves.png"))
+    args_path = os.path.join(os.path.dirname(log_path), "args.json")  # train.py's flags: head 0's size
+    sizes = json.load(open(args_path)).get("cls_sizes") if os.path.isfile(args_path) else None
+    figures.plot_curves(log_path, os.path.join(out_dir, "curves.png"), sizes[0] if sizes else None)
     print(f"wrote {os.path.join(out_dir, 'curves.png')}")
     raise SystemExit(0)
 
@@ -178,6 +126,7 @@ out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
 holdout = train_args.get("holdout", 0) if args.holdout is None else args.holdout
 size = args.size or train_args["size"]
 heads = len(train_args["cls_sizes"])  # a backbone alone has none: kNN, the linear probe and k-means only
+head_size = train_args["cls_sizes"][0] if heads else None
 linear_protocol = ("paper" if dataset_name == "imagenet" else "fast") if args.linear_protocol == "auto" else args.linear_protocol
 model = build_model(train_args)
 model.load_state_dict(pretrained["state"])
@@ -194,12 +143,33 @@ if dataset_name == "cifar100" and args.superclasses:
         raise SystemExit("--superclasses scores head 0 against 20 classes: train with --cls_sizes 20 ...")
 
 
+def training_skipped():
+    """The files training left out as unreadable: skipped.txt beside --ckpt, a line `path<TAB>reason` per file
+    (older runs: the path alone), the path relative to the folder training read."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "skipped.txt")
+    if not os.path.isfile(path):
+        return path, set()
+    with open(path) as f:
+        return path, {line.rstrip("\n").split("\t")[0] for line in f if line.strip()}
+
+
+skipped_path, skipped = training_skipped() if dataset_name == "folder" else (None, set())
+unreadable = set()  # full paths of the files a pass of this run could not decode (--skip_unreadable): left out after
+
+
 def load_split(split, transform):
     ds = data.build_dataset(dataset_name, data_dir, split, transform, holdout=holdout, channels=train_args["in_chans"])
-    if dataset_name == "folder" and train_args.get("skip_unreadable"):
-        ds.drop([f for f, _ in ds.scan()[0]])  # as in training: the files that cannot be decoded are left out
     if dataset_name == "folder":
         ds.draft_side = size  # the evaluation crop's side: the decode need not be larger
+        # skipped.txt's paths are below the folder training read (DIR or DIR/train), or below DIR
+        full = lambda f: os.path.normpath(os.path.join(ds.root, f))
+        roots = (data.folder_splits(data_dir)[0], data_dir)
+        known = {os.path.normpath(os.path.join(r, f)) for f in skipped for r in roots}
+        left_out = [f for f in ds.files if full(f) in known]
+        ds.drop(left_out + [f for f in ds.files if full(f) in unreadable])
+        if left_out:
+            print0(f"left out {len(left_out)} files of the {split} split that training skipped as unreadable "
+                   f"({skipped_path})")
     if dataset_name == "cifar100" and args.superclasses:
         if holdout:
             raise SystemExit("--superclasses with a --holdout checkpoint is not supported")
@@ -210,32 +180,114 @@ def load_split(split, transform):
 stage_seconds = {}  # each stage's wall time, for metrics.json
 
 
+class Flagged(torch.utils.data.Dataset):
+    """A dataset's samples with a flag each: a folder's file that cannot be decoded gives a blank crop and False
+    instead of stopping the pass, so that every process finishes it and the files are named together after."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return (*self.ds[i], True)
+        except RuntimeError:  # data.ImageFiles.load's, naming the file
+            if not isinstance(self.ds, data.ImageFiles):
+                raise
+            return torch.zeros(train_args["in_chans"], size, size), int(self.ds.labels[i]), i, False
+
+
+# k-means on raw pixels: the in-memory datasets' stored images; a folder's or ImageNet's evaluation crops as the
+# network sees them before normalisation, area-averaged to 32 px or less and, beyond what fits, a fixed random subset
+# of the pictures. An iteration of k-means costs pictures x pixels x classes: at most PIXEL_WORK of it, a few seconds
+# on a CPU core (docs/experiments.md, "evaluate.py on your own folder"), where ImageNet's 50,000 crops of 224 px with
+# 1,000 classes would take days an iteration
+PIXEL_MAX, PIXEL_WORK = 10_000, 10 ** 8
+
+
+def pixel_plan(n, k):
+    """(side in px, pictures) for k-means on the raw pixels of n pictures in k classes: the largest side of 32, 16
+    or 8 px (at most the crop's) at which PIXEL_WORK allows ten pictures a class (or all n); None where none does."""
+    for side in (min(size, s) for s in (32, 16, 8)):
+        m = min(n, PIXEL_MAX, PIXEL_WORK // (train_args["in_chans"] * side * side * k))
+        if m >= min(n, 10 * k):
+            return side, m
+    return None
+
+
 @torch.no_grad()
-def extract(ds, split):
-    """Backbone features, head-0 logits and labels of every sample, in dataset order.
+def extract(ds, split, pixels=None, side=None):
+    """Backbone features, head-0 logits and labels of every sample, in dataset order; the indices of the samples
+    that could not be decoded (their rows are blank); and, for the samples of the bool mask pixels, their
+    evaluation crops before normalisation, area-averaged to side px, as (pixels.sum(), D) floats in [0, 1].
 
     Each process takes every world_size-th sample; the shares are padded to one length and gathered."""
     n = len(ds)
     progress = Progress(f"features {split}", n)
     mine = list(range(rank, n, world_size))
     mine += mine[-1:] * (-(-n // world_size) - len(mine))  # equal shares for all_gather
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(Flagged(ds), mine), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=use_cuda)
-    feats, logits, labels, index = [], [], [], []
-    for x, y, i in loader:
+    if pixels is not None:
+        slot = torch.full((n,), -1, dtype=torch.long)
+        slot[pixels] = torch.arange(int(pixels.sum()))
+        px = torch.zeros(int(pixels.sum()), train_args["in_chans"] * side * side, device=device)
+        mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (MEAN, STD))
+    feats, logits, labels, index, good = [], [], [], [], []
+    for x, y, i, ok in loader:
+        x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            f, out = model.predict(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                                   heads=[0] if heads else [])
+            f, out = model.predict(x.contiguous(memory_format=torch.channels_last), heads=[0] if heads else [])
         feats.append(f.float())
         logits.append(out[0].float() if heads else f.new_zeros(len(f), 0))
         labels.append(y.to(device))
         index.append(i.to(device))
+        good.append(ok.to(device))
+        if pixels is not None and (slot[i] >= 0).any():
+            s = slot[i]
+            crops = x[(s >= 0).to(device)].float() * std + mean
+            if side < size:
+                crops = F.interpolate(crops, size=(side, side), mode="area")
+            px[s[s >= 0].to(device)] = crops.flatten(1)
         progress.update(len(x) * world_size)  # rank 0's share stands for every process's
-    feats, logits, labels, index = (all_gather_cat(torch.cat(t)) for t in (feats, logits, labels, index))
+    feats, logits, labels, index, good = (all_gather_cat(torch.cat(t)) for t in (feats, logits, labels, index, good))
     order = torch.empty(n, dtype=torch.long, device=device)
     order[index] = torch.arange(len(index), device=device)  # duplicates of the padding land on one row
+    if pixels is not None and ddp:
+        dist.all_reduce(px)  # each row written by the one process that read its picture, zeros elsewhere
     stage_seconds[f"features_{split}"] = round(progress.close(), 2)
-    return feats[order], logits[order], labels[order]
+    bad = torch.nonzero(~good[order]).flatten().tolist()
+    return feats[order], logits[order], labels[order], bad, (px if pixels is not None else None)
+
+
+def leave_out_unreadable(ds, split, bad):
+    """The files of ds a pass could not decode: stop, naming them, or with --skip_unreadable name them and leave
+    them out of ds; a bool mask of the samples kept (None: all)."""
+    if not bad:
+        return None
+    names = [ds.files[i] for i in bad]
+    if not args.skip_unreadable:
+        def reason(i):
+            try:
+                ds.load(i)
+                return "read on a second try"
+            except RuntimeError as e:
+                return str(e.__cause__ or e)
+
+        raise SystemExit(1 if not master else  # every process stops; one says why
+                         f"{len(bad)} of {len(ds)} files below {ds.root} cannot be decoded (changed since training?):"
+                         + "".join(f"\n  {f}: {reason(i)}" for f, i in zip(names[:10], bad))
+                         + ("\n  ..." if len(bad) > 10 else "")
+                         + "\nremove or fix them, or pass --skip_unreadable to score without them")
+    print0(f"skipped {len(bad)} unreadable files of the {split} split: {', '.join(names[:10])}"
+           + (", ..." if len(bad) > 10 else ""))
+    unreadable.update(os.path.normpath(ds.path(i)) for i in bad)
+    ds.drop(names)
+    keep = torch.ones(len(ds) + len(bad), dtype=torch.bool)
+    keep[bad] = False
+    return keep
 
 
 def linear_probe(train_f, train_y, test_f, test_y):
@@ -334,97 +386,30 @@ def kmeans_scores(x, y, prefix):
     return {f"{prefix}_{k}": v for k, v in metrics.cluster_metrics(y, assign).items()}
 
 
-# -----------------------------------------------------------------------------
-# figures
-
-
-def show_image(ds, i):
-    # the evaluation crop, un-normalised, as an (H, W[, 3]) array in [0, 1]
-    x = ds[i][0] * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
-    x = x.clamp(0, 1).permute(1, 2, 0).numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
-
-
-def plot_examples(ds, pred, conf, y, path, rows=20, cols=10, names=None):
-    """The most confident evaluation images of each predicted class (largest classes first if there are many),
-    each row titled with the true class most of its images have (by name where names are known)."""
-    import matplotlib.pyplot as plt
-    sizes = np.bincount(pred, minlength=train_args["cls_sizes"][0])
-    classes = sizes.argsort()[::-1][:rows]
-    classes = np.sort(classes[sizes[classes] > 0])
-    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.9, len(classes) * 0.95), squeeze=False)
-    for r, c in enumerate(classes):
-        members = np.flatnonzero(pred == c)
-        title = f"class {c}: {len(members)} imgs"
-        if (y >= 0).all():  # an unlabelled folder has no true class to show
-            majority = np.bincount(y[members]).argmax()
-            purity = (y[members] == majority).mean()
-            title += f", {purity:.0%} true class {names[majority] if names else majority}"
-        members = members[np.argsort(-conf[members])][:cols]
-        for k, ax in enumerate(axes[r]):
-            ax.axis("off")
-            if k < len(members):
-                ax.imshow(show_image(ds, members[k]), cmap="gray", vmin=0, vmax=1)
-        axes[r][0].set_title(title, fontsize=7, loc="left")
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_confusion(y, pred, path, names=None):
-    """Row-normalised confusion matrix, predicted classes ordered by their Hungarian match, true classes named."""
-    import matplotlib.pyplot as plt
-    from scipy.optimize import linear_sum_assignment
-    ys, yi = np.unique(y, return_inverse=True)
-    ps, pi = np.unique(pred, return_inverse=True)
-    M = np.zeros((len(ys), len(ps)))
-    np.add.at(M, (yi, pi), 1)
-    rows, cols = linear_sum_assignment(M, maximize=True)
-    order = list(cols[np.argsort(rows)]) + [j for j in range(len(ps)) if j not in set(cols)]
-    M = M[:, order] / M.sum(1, keepdims=True)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("predicted class (matched order)")
-    ax.set_ylabel("true class")
-    if names and len(ys) <= 40:  # beyond that the names overlap
-        ax.set_yticks(range(len(ys)), [names[c] for c in ys], fontsize=7)
-    fig.colorbar(im, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_clusters(ds, pred, conf, path):
-    """One row per image of a folder: its path below --data_dir, its class and the class's probability."""
-    import csv
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "class", "confidence"])
-        for i in range(len(ds)):
-            w.writerow([os.path.relpath(ds.path(i), data_dir).replace(os.sep, "/"), int(pred[i]), f"{conf[i]:.4f}"])
-
-
-def plot_class_sheets(ds, pred, conf, y, out_dir, names=None, one_sheet_max=20, side=8):
-    """The most confident images of every class: one sheet, clusters.png, for up to one_sheet_max classes in
-    use, else clusters/class_007.png per class (a side x side grid)."""
-    import matplotlib.pyplot as plt
-    used = np.unique(pred)
-    if len(used) <= one_sheet_max:
-        return plot_examples(ds, pred, conf, y, os.path.join(out_dir, "clusters.png"), rows=one_sheet_max, names=names)
-    os.makedirs(os.path.join(out_dir, "clusters"), exist_ok=True)
-    for c in used:
-        members = np.flatnonzero(pred == c)
-        best = members[np.argsort(-conf[members])][:side * side]
-        rows = -(-len(best) // side)
-        fig, axes = plt.subplots(rows, side, figsize=(side * 0.9, rows * 0.9 + 0.3), squeeze=False)
-        for k, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if k < len(best):
-                ax.imshow(show_image(ds, best[k]), cmap="gray", vmin=0, vmax=1)
-        fig.suptitle(f"class {c}: {len(members)} images, the {len(best)} most confident", fontsize=8)
-        fig.tight_layout(pad=0.2)
-        fig.savefig(os.path.join(out_dir, "clusters", f"class_{c:03d}.png"), dpi=80)
-        plt.close(fig)
+def verdict(results, head_on_pixels, subset):
+    """Head 0 against k-means on its own features and on raw pixels (head_on_pixels: its scores on the pictures
+    that k-means on pixels saw): {baseline: head 0's score minus the baseline's}, and where head 0 is below any, a
+    line saying which, by how much, and what to try (else None)."""
+    gaps, below = {}, []
+    for prefix, what, head in (("kmeans", "k-means on its own backbone features", results),
+                               ("kmeans_pixels", f"k-means on raw pixels{subset}", head_on_pixels)):
+        worse = []
+        for m in ("acc", "nmi"):
+            if f"{prefix}_{m}" in results:
+                gaps[f"{prefix}_{m}"] = gap = round(head[m] - results[f"{prefix}_{m}"], 4)
+                if gap < 0:
+                    worse.append(f"{m.upper()} {head[m]:.3f} vs {results[f'{prefix}_{m}']:.3f}, {gap:+.3f}")
+        if worse:
+            below.append(f"{what} ({'; '.join(worse)})")
+    if not below:
+        return gaps, None
+    tries = ["a sharper crop range --crop_scale 0.8 1"] if train_args.get("crop_scale", [0])[0] < 0.8 else []
+    tries += [f"more --epochs (than {train_args['epochs']})" if "epochs" in train_args else "more --epochs",
+              f"another --seed (than {train_args.get('seed', 0)})"]
+    if any(k.startswith("kmeans_pixels") and v < 0 for k, v in gaps.items()) and train_args["in_chans"] == 3 \
+            and dataset_name == "folder":
+        tries.append("for small greyscale pictures --channels 1 and a --size near their side")
+    return gaps, f"head 0 scores below {' and below '.join(below)}: try {', '.join(tries)}"
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +419,24 @@ eval_tf = data.eval_transform(dataset_name, size, MEAN, STD)
 try:
     eval_ds = load_split("eval", eval_tf)
 except (FileNotFoundError, ValueError) as e:
+    if args.data_dir is None and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
+        raise SystemExit(f"{e}\n(--data_dir {data_dir} is the checkpoint's, from the args training ran with, and "
+                         f"relative to the folder it ran in, not to {os.getcwd()}: run from there, or pass --data_dir)"
+                         ) from None
     raise SystemExit(str(e)) from None
-eval_f, eval_logits, eval_y = extract(eval_ds, "eval")
+# the pictures k-means on raw pixels sees, where they are not in memory: the crops extract passes to the network
+pixel_mask, plan = None, None
+if not args.no_kmeans and not hasattr(eval_ds, "images") and getattr(eval_ds, "classes", True):
+    plan = pixel_plan(len(eval_ds), len(eval_ds.classes) if dataset_name == "folder" else num_classes)
+    if plan:
+        pixel_mask = torch.zeros(len(eval_ds), dtype=torch.bool)
+        pixel_mask[torch.randperm(len(eval_ds), generator=torch.Generator().manual_seed(0))[:plan[1]]] = True
+eval_f, eval_logits, eval_y, bad, eval_px = extract(eval_ds, "eval", pixel_mask, plan and plan[0])
+keep = leave_out_unreadable(eval_ds, "eval", bad)
+if keep is not None:
+    eval_f, eval_logits, eval_y = eval_f[keep.to(device)], eval_logits[keep.to(device)], eval_y[keep.to(device)]
+    if pixel_mask is not None:
+        eval_px, pixel_mask = eval_px[keep[pixel_mask].to(device)], pixel_mask[keep]
 pred = eval_logits.argmax(1).cpu().numpy() if heads else None
 y = eval_y.cpu().numpy()
 # class names: a folder's sub-folders, ImageNet's folder names, or the named datasets' classes
@@ -456,7 +457,11 @@ if heads:
     results["classes_used"] = int(len(np.unique(pred)))
 results["num_eval"] = len(y)
 if not (args.no_knn and args.no_linear):
-    train_f, _, train_y = extract(load_split("train_labeled", eval_tf), "train")
+    train_ds = load_split("train_labeled", eval_tf)
+    train_f, _, train_y, bad, _ = extract(train_ds, "train")
+    keep = leave_out_unreadable(train_ds, "train", bad)
+    if keep is not None:
+        train_f, train_y = train_f[keep.to(device)], train_y[keep.to(device)]
     keep = train_y >= 0  # STL-10's unlabelled images have label -1
     train_f, train_y = train_f[keep], train_y[keep]
     if not args.no_knn:
@@ -475,8 +480,25 @@ if not (args.no_knn and args.no_linear):
         results["linear_protocol"] = linear_protocol
 if not args.no_kmeans and master:
     results.update(kmeans_scores(F.normalize(eval_f, dim=1).cpu().numpy(), y, "kmeans"))
+    subset, head_on_pixels = "", results
     if hasattr(eval_ds, "images"):  # raw pixels of the in-memory datasets
+        shape = " x ".join(map(str, eval_ds.images.shape[1:]))
+        results["kmeans_pixels_input"] = f"the {len(y):,} stored images, {shape}"
         results.update(kmeans_scores(eval_ds.images.reshape(len(y), -1) / 255.0, y, "kmeans_pixels"))
+    elif pixel_mask is None:
+        results["kmeans_pixels_input"] = (f"none: ten pictures a class of {num_classes:,} classes, even at 8 px, exceed "
+                                          f"{PIXEL_WORK:.0e} pictures x pixels x classes an iteration")
+    else:
+        pm, side = pixel_mask.numpy(), plan[0]
+        results["kmeans_pixels_input"] = (f"{pm.sum():,} of the {len(y):,} evaluation pictures"
+                                          + (" at random (seed 0)" if pm.sum() < len(y) else "")
+                                          + f", their {size}-px center crops" + (f" averaged to {side} px" if side < size else ""))
+        results.update(kmeans_scores(eval_px.cpu().numpy(), y[pm], "kmeans_pixels"))
+        head_on_pixels = metrics.cluster_metrics(y[pm], pred[pm]) if heads else results
+        subset = f" (on the same {pm.sum():,} pictures)" if pm.sum() < len(y) else ""
+    if heads:
+        results["head0_minus_kmeans"], line = verdict(results, head_on_pixels, subset)
+        results["verdict"] = line or "head 0 scores at or above k-means on raw pixels and on its own features"
 results["seconds"] = round(time.time() - t0, 1)
 results["stage_seconds"] = stage_seconds
 
@@ -485,30 +507,34 @@ if master:
     results = dict(dataset=dataset_name, ckpt=os.path.abspath(args.ckpt), epoch=epoch, size=size,
                    precision="bf16" if args.bf16 else "fp32", **results)
     if heads:
-        results["class_sizes"] = np.bincount(pred, minlength=train_args["cls_sizes"][0]).tolist()  # images per class of head 0
+        results["class_sizes"] = np.bincount(pred, minlength=head_size).tolist()  # images per class of head 0
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     for k, v in results.items():
-        print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
+        if k != "verdict":
+            print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
     if heads:
         conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
         np.savez(os.path.join(out_dir, "predictions.npz"), label=y, pred=pred, confidence=conf)
     if heads and dataset_name == "folder":
-        write_clusters(eval_ds, pred, conf, os.path.join(out_dir, "clusters.csv"))
+        figures.write_clusters(eval_ds, pred, conf, os.path.join(out_dir, "clusters.csv"), data_dir)
         print(f"wrote {os.path.join(out_dir, 'clusters.csv')}: the class of each of {len(pred):,} images")
     if heads and not args.no_figures:
         import matplotlib
         matplotlib.use("Agg")
         if dataset_name == "folder":
-            plot_class_sheets(eval_ds, pred, conf, y, out_dir, class_names)
+            figures.plot_class_sheets(eval_ds, pred, conf, y, out_dir, MEAN, STD, head_size, class_names)
         else:
-            plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"), names=class_names)
+            figures.plot_examples(eval_ds, pred, conf, y, os.path.join(out_dir, "examples.png"), MEAN, STD, head_size,
+                                  names=class_names)
         if labelled:
-            plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"), class_names)
+            figures.plot_confusion(y, pred, os.path.join(out_dir, "confusion.png"), class_names)
         log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
         if os.path.exists(log_path):
-            plot_curves(log_path, os.path.join(out_dir, "curves.png"))
+            figures.plot_curves(log_path, os.path.join(out_dir, "curves.png"), head_size)
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    if results.get("verdict", "").startswith("head 0 scores below"):
+        print(results["verdict"])
 if ddp:
     dist.destroy_process_group()
     exit_process(0)

@@ -1175,6 +1175,8 @@ def test_evaluate_writes_every_metric_and_figure(tiny_runs, tiny_metrics):
     assert cluster_metrics(saved["label"], saved["pred"]) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
     assert m["knn_top1"] == m["knn_top1_k20"] and m["knn_temp"] == 0.1
     assert m["linear_protocol"] == "fast" and m["linear_top1"] == m["linear_top1_fast"]  # the CPU probe, named
+    assert m["kmeans_pixels_input"] == "the 4,488 stored images, 16 x 16 x 3"  # k-means on pixels: which, said
+    assert m["head0_minus_kmeans"]["kmeans_pixels_acc"] == round(m["acc"] - m["kmeans_pixels_acc"], 4)
     # train.py's in-training score of the last epoch is evaluate.py's on the same checkpoint
     same_eval_scores(log_records(tiny_runs["self_classifier"][1], "eval")[-1], m)
     import matplotlib.image
@@ -2270,6 +2272,261 @@ def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
     [err] = fails([PY, "train.py", *flags, "--epochs", "2", "--data_dir", str(good), "--skip_unreadable",
                    "--out_dir", out])
     assert "folder_files: checkpoint" in err and open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+# -----------------------------------------------------------------------------
+# what evaluate.py says of a folder: k-means on raw pixels and a verdict on head 0, files unreadable since
+# training, clusters.csv's true class, and figures whose labels match clusters.csv (figures.py, called directly)
+
+
+def evaluate_here(monkeypatch, capsys, *flags, cwd=HERE):
+    """evaluate.py in this process (torch is imported already, so it takes a second): what it printed, or its
+    error."""
+    import runpy
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *flags])
+    monkeypatch.setenv("PROGRESS_SECONDS", "1000")
+    try:
+        runpy.run_path(os.path.join(HERE, "evaluate.py"), run_name="__main__")
+    except SystemExit as stop:
+        assert stop.code, capsys.readouterr().out
+        return f"error: {stop.code}"
+    return capsys.readouterr().out
+
+
+def write_shape_pngs(root, n=120):
+    """n synthetic pictures (16 px, ten classes) as PNG files in folders c0 ... c9: (root, their pixels and labels in
+    the folder's sorted order)."""
+    from PIL import Image
+    images, labels = data.make_synthetic(n, seed=3)
+    names = [f"c{c}/{i:03d}.png" for i, c in enumerate(labels)]
+    for name, img in zip(names, images):
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        Image.fromarray(img).save(os.path.join(root, name))
+    order = np.argsort(names)
+    return root, images[order], labels[order]
+
+
+@pytest.fixture
+def folder_run(tiny_runs, tmp_path):
+    """The tiny Self-Classifier checkpoint in a folder of its own, and a labelled folder of 120 pictures the size of
+    its crops; evaluate.py's flags for the two, and (root, pixels, labels)."""
+    out, _ = copy_of(tiny_runs, tmp_path)
+    shapes = write_shape_pngs(str(tmp_path / "shapes"))
+    flags = ("--ckpt", f"{out}/ckpt.pt", "--dataset", "folder", "--data_dir", shapes[0], "--holdout", "0",
+             "--workers", "0", "--no_figures")
+    return out, flags, shapes
+
+
+def test_evaluate_folder_kmeans_on_raw_pixels_and_the_verdict(folder_run, monkeypatch, capsys):
+    out, flags, (root, images, labels) = folder_run
+    printed = evaluate_here(monkeypatch, capsys, *flags)
+    m = json.load(open(f"{out}/metrics.json"))
+    # k-means on the pixels the network saw before normalisation: the pictures themselves (16-px crops of 16-px
+    # pictures), clustered by the same k-means with the same seed
+    reference = cluster_metrics(labels, metrics.kmeans(images.reshape(len(images), -1) / 255.0, 10, seed=0))
+    assert {k: m[f"kmeans_pixels_{k}"] for k in reference} == pytest.approx(reference, abs=1e-9)
+    assert m["kmeans_pixels_input"] == "120 of the 120 evaluation pictures, their 16-px center crops"
+    # the verdict: head 0's score minus each baseline's, and one line where any is negative, naming it
+    gaps = {f"{p}_{k}": round(m[k] - m[f"{p}_{k}"], 4) for p in ("kmeans", "kmeans_pixels") for k in ("acc", "nmi")}
+    assert m["head0_minus_kmeans"] == gaps
+    lines = [line for line in printed.splitlines() if line.startswith("head 0 scores below")]
+    assert len(lines) == (min(gaps.values()) < 0) and m["verdict"] == (lines or [m["verdict"]])[0]
+    assert gaps["kmeans_acc"] < 0  # two steps of training: below its own features, as the line says
+    assert f"k-means on its own backbone features (ACC {m['acc']:.3f} vs {m['kmeans_acc']:.3f}" in lines[0]
+    # what to try, from what the run used (crops of 0.5-1, one epoch, seed 0, colour pictures)
+    pixels_below = min(gaps["kmeans_pixels_acc"], gaps["kmeans_pixels_nmi"]) < 0
+    assert lines[0].split(": try ")[1] == ("a sharper crop range --crop_scale 0.8 1, more --epochs (than 1), another "
+                                           "--seed (than 0)" + (", for small greyscale pictures --channels 1 and a "
+                                                                "--size near their side" if pixels_below else ""))
+    assert ("k-means on raw pixels" in lines[0]) == pixels_below
+    printed = evaluate_here(monkeypatch, capsys, *flags, "--no_kmeans")
+    m = json.load(open(f"{out}/metrics.json"))
+    assert "head 0 scores below" not in printed and not {"verdict", "head0_minus_kmeans", "kmeans_pixels_acc"} & set(m)
+
+
+def test_evaluate_folder_leaves_out_what_training_skipped_and_refuses_new_bad_files(folder_run, monkeypatch, capsys):
+    out, flags, (root, _, _) = folder_run
+    files = sorted(f"{c}/{f}" for c in os.listdir(root) for f in os.listdir(os.path.join(root, c)))
+    # skipped.txt: one line a file, path TAB reason, or (older runs) the path alone
+    with open(f"{out}/skipped.txt", "w") as f:
+        f.write(f"{files[3]}\tcannot identify image file\n{files[50]}\n")
+    for f in (files[3], files[50]):
+        open(os.path.join(root, f), "wb").write(b"not a picture")
+    printed = evaluate_here(monkeypatch, capsys, *flags)
+    assert f"left out 2 files of the eval split that training skipped as unreadable ({out}/skipped.txt)" in printed
+    assert json.load(open(f"{out}/metrics.json"))["num_eval"] == 118
+    # a file gone bad since training: refused, named, with the way out; no traceback
+    open(os.path.join(root, files[7]), "wb").write(b"\x89PNG\r\n\x1a\n broken")
+    err = evaluate_here(monkeypatch, capsys, *flags)
+    assert err.startswith(f"error: 1 of 118 files below {root} cannot be decoded") and f"\n  {files[7]}: " in err
+    assert err.endswith("remove or fix them, or pass --skip_unreadable to score without them")
+    assert "Traceback" not in err and len(err.splitlines()) == 3
+    printed = evaluate_here(monkeypatch, capsys, *flags, "--skip_unreadable")
+    assert f"skipped 1 unreadable files of the eval split: {files[7]}" in printed
+    m = json.load(open(f"{out}/metrics.json"))
+    assert m["num_eval"] == 117 and len(np.load(f"{out}/predictions.npz")["pred"]) == 117
+    import csv
+    rows = list(csv.DictReader(open(f"{out}/clusters.csv")))
+    assert [r["path"] for r in rows] == [f for f in files if f not in (files[3], files[7], files[50])]
+
+
+def test_evaluate_folder_relative_data_dir_of_the_checkpoint_is_explained(folder_run, monkeypatch, capsys, tmp_path):
+    out, _, (root, _, _) = folder_run
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    ckpt["args"].update(dataset="folder", data_dir="shapes", holdout=0)  # as training stored it, run from tmp_path
+    torch.save(ckpt, f"{out}/ckpt.pt")
+    err = evaluate_here(monkeypatch, capsys, "--ckpt", f"{out}/ckpt.pt", "--workers", "0", cwd=HERE)
+    assert "--data_dir shapes: no such folder" in err and "is the checkpoint's" in err and "pass --data_dir" in err
+    assert f"relative to the folder it ran in, not to {HERE}" in err
+    printed = evaluate_here(monkeypatch, capsys, "--ckpt", f"{out}/ckpt.pt", "--workers", "0", "--no_figures",
+                            cwd=str(tmp_path))  # from where training ran, it is found
+    assert "wrote" in printed and json.load(open(f"{out}/metrics.json"))["num_eval"] == 120
+
+
+@slow
+def test_evaluate_folder_command_lines_refuse_a_bad_file_and_skip_it_on_one_and_two_processes(folder_run, tmp_path):
+    out, _, (root, _, _) = folder_run
+    bad = sorted(os.listdir(os.path.join(root, "c3")))[0]
+    open(os.path.join(root, "c3", bad), "wb").write(b"broken")
+    cmd = ["evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--dataset", "folder", "--data_dir", root, "--holdout", "0",
+           "--no_figures", "--batch_size", "16"]  # two data workers, the default
+    [err] = fails([PY, *cmd])
+    assert f"1 of 120 files below {root} cannot be decoded" in err and f"c3/{bad}: " in err and "Traceback" not in err
+    logs = side_by_side([PY, *cmd, "--skip_unreadable", "--out_dir", str(tmp_path / "one")],
+                        torchrun(*cmd, "--skip_unreadable", "--out_dir", str(tmp_path / "two")))
+    assert all(f"skipped 1 unreadable files of the eval split: c3/{bad}" in log for log in logs)
+    one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    # each process read half the pictures; gathered, the same pixels, features and scores as one process
+    keys = ["nmi", "acc"] + [f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")]
+    assert one["num_eval"] == two["num_eval"] == 119 and one["verdict"] == two["verdict"]
+    assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-9)
+
+
+@slow
+def test_evaluate_folder_kmeans_on_a_random_subset_of_pixels_where_all_would_cost_too_much(tiny_runs, tmp_path,
+                                                                                         monkeypatch, capsys):
+    # 1,400 pictures of 16 x 16 x 3 in 100 classes: 10^8 / (768 x 100) = 1,302 of them fit an iteration's budget
+    from PIL import Image
+    out, _ = copy_of(tiny_runs, tmp_path)
+    images, _ = data.make_synthetic(1400, seed=4)
+    for i, img in enumerate(images):
+        os.makedirs(tmp_path / "many" / f"k{i % 100:03d}", exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "many" / f"k{i % 100:03d}" / f"{i:04d}.png")
+    evaluate_here(monkeypatch, capsys, "--ckpt", f"{out}/ckpt.pt", "--dataset", "folder", "--data_dir",
+                  str(tmp_path / "many"), "--holdout", "0", "--workers", "0", "--no_figures")
+    m = json.load(open(f"{out}/metrics.json"))
+    assert m["kmeans_pixels_input"] == "1,302 of the 1,400 evaluation pictures at random (seed 0), their 16-px center crops"
+    # head 0 is compared with it on the same pictures
+    mask = torch.zeros(1400, dtype=torch.bool)
+    mask[torch.randperm(1400, generator=torch.Generator().manual_seed(0))[:1302]] = True
+    saved = np.load(f"{out}/predictions.npz")
+    head = cluster_metrics(saved["label"][mask.numpy()], saved["pred"][mask.numpy()])
+    assert m["head0_minus_kmeans"]["kmeans_pixels_nmi"] == round(head["nmi"] - m["kmeans_pixels_nmi"], 4)
+    assert "k-means on raw pixels (on the same 1,302 pictures)" in m["verdict"]
+
+
+def test_clusters_csv_has_the_true_class_where_labelled(folder_run, monkeypatch, capsys):
+    import csv
+    out, flags, (root, _, labels) = folder_run
+    evaluate_here(monkeypatch, capsys, *flags)
+    rows = list(csv.DictReader(open(f"{out}/clusters.csv")))
+    assert [r["true_class"] for r in rows] == [f"c{c}" for c in labels]
+    assert all(r["path"].startswith(r["true_class"] + "/") for r in rows)
+    saved = np.load(f"{out}/predictions.npz")
+    assert [int(r["class"]) for r in rows] == saved["pred"].tolist()
+    # an unlabelled folder: no such column
+    import figures
+
+    class Unlabelled:
+        classes = None
+
+        def __len__(self):
+            return 2
+
+        def path(self, i):
+            return os.path.join(root, f"{i}.png")
+    figures.write_clusters(Unlabelled(), [3, 1], [0.5, 0.25], f"{out}/u.csv", root)
+    assert open(out + "/u.csv").read().splitlines() == ["path,class,confidence", "0.png,3,0.5000", "1.png,1,0.2500"]
+
+
+def test_confusion_columns_are_the_class_ids_in_matched_order(tmp_path):
+    import figures
+    # true class 0 went mostly to class 9, 1 to class 2, 2 to class 7; class 4 matched nothing
+    y = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    pred = np.array([9] * 8 + [2] * 2 + [2] * 9 + [4] + [7] * 10)
+    ax = figures.plot_confusion(y, pred, str(tmp_path / "c.png"), names=["coat", "bag", "shoe"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["9", "2", "7", "4"]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["coat", "bag", "shoe"]
+    M = ax.images[0].get_array()
+    assert np.allclose(np.diag(M), [0.8, 0.9, 1.0]) and np.allclose(M.sum(1), 1)  # the matches on the diagonal
+    # one predicted class: one column, labelled with its id, not an axis from -0.4 to 0.4
+    ax = figures.plot_confusion(y, np.full(30, 5), str(tmp_path / "one.png")).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5"] and list(ax.get_xticks()) == [0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+
+
+class CodedPictures:
+    """Picture i is a 4 x 4 grey square of level i / 255 (normalised with mean 0, std 1): a sheet's cell says
+    which picture it shows."""
+
+    def __getitem__(self, i):
+        return np.full((1, 4, 4), i / 255, np.float32), 0, i
+
+
+def shown(ax):
+    return int(round(float(ax.images[0].get_array().mean()) * 255)) if ax.images else None
+
+
+def test_class_sheets_show_the_most_confident_beside_a_random_sample_with_purity(tmp_path):
+    import figures
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 3, 90) * 2  # classes 0, 2 and 4
+    conf = rng.permutation(90) / 90
+    y = np.where(rng.random(90) < 0.6, pred // 2, 2)  # most of class c are true class c / 2, the rest true class 2
+    names = ["ant", "bee", "cat"]
+    fig = figures.plot_class_sheets(CodedPictures(), pred, conf, y, str(tmp_path), [0], [1], 6, names)
+    rows = np.array(fig.axes).reshape(3, 11)
+    for row, c in zip(rows, (0, 2, 4)):
+        members = np.flatnonzero(pred == c)
+        best = members[np.argsort(-conf[members])][:5].tolist()
+        left, right = [shown(ax) for ax in row[:5]], [shown(ax) for ax in row[6:]]
+        assert left == best and shown(row[5]) is None
+        assert len(set(right)) == 5 and set(right) <= set(members) - set(best)  # five others, at random
+        true = np.bincount(y[members], minlength=3)
+        assert row[0].get_title(loc="left") == (f"class {c}: {len(members)} imgs, "
+                                                f"{true.max() / len(members):.0%} true class {names[true.argmax()]}")
+    again = figures.plot_class_sheets(CodedPictures(), pred, conf, y, str(tmp_path), [0], [1], 6, names)
+    assert [shown(ax) for ax in again.axes] == [shown(ax) for ax in fig.axes]  # the sample's seed is fixed
+    # more classes than one sheet holds: a sheet per class, titled alike
+    figs = figures.plot_class_sheets(CodedPictures(), pred, conf, y, str(tmp_path), [0], [1], 6, names,
+                                     one_sheet_max=2, side=4)
+    assert sorted(os.listdir(tmp_path / "clusters")) == ["class_000.png", "class_002.png", "class_004.png"]
+    for f, c in zip(figs, (0, 2, 4)):
+        members = np.flatnonzero(pred == c)
+        assert f._suptitle.get_text().startswith(figures.class_title(c, members, y, names) + "\nleft: the 8 most")
+        cells = np.array(f.axes).reshape(-1, 5)
+        assert [shown(ax) for ax in cells[:, :2].flat] == members[np.argsort(-conf[members])][:8].tolist()
+
+
+def test_curves_label_every_panel_and_mark_the_ceilings(tmp_path):
+    import figures
+    records = [dict(kind="step", step=s, epoch=0, loss=3 - s / 10, lr=0.1, img_s=900, classes=8, balance=0.9)
+               for s in range(1, 11)]
+    records += [dict(kind="epoch", epoch=1, step=10, loss=2.5), dict(kind="eval", epoch=1, step=10, nmi=0.5, acc=0.4,
+                                                                    classes=9, balance=0.95)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = figures.plot_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"), num_classes=12)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.axison}
+    assert len(panels) == 6 and all(ax.get_ylabel() for ax in panels.values())
+
+    def flat_lines(ax):
+        return sorted({float(line.get_ydata()[0]) for line in ax.get_lines() if len(set(line.get_ydata())) == 1
+                       and line.get_linestyle() == "--"})
+    assert flat_lines(panels["classes used by head 0"]) == [12]
+    assert flat_lines(panels["balance of head 0 (1: classes equal)"]) == [1]
+    assert flat_lines(panels["loss"]) == []
 
 
 # -----------------------------------------------------------------------------
