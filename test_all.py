@@ -2439,7 +2439,7 @@ def test_folder_as_it_comes_trains_with_one_line_for_each_oddity(tmp_path):
         assert "warning: 1 truncated file(s), read as far as they go (as viewers show them): b/cut.jpg" in text
         assert (f"2 unreadable, left out (b/bad.png, b/huge.png; all with the reasons in {tmp_path}" in text
                 and "/skipped.txt)" in text)
-        assert "26 images" in text and "median 24 x 20 px, 26 of 26 in colour" in text
+        assert "26 images" in text and "median 20 x 24 px, 26 of 26 in colour" in text
     assert [line.split("\t")[0] for line in open(f"{out}/skipped.txt").read().splitlines()] == ["b/bad.png", "b/huge.png"]
     assert "\tnot a picture" in open(f"{out}/skipped.txt").read()
     # two processes, one loader worker each, scan as one process does
