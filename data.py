@@ -273,30 +273,32 @@ def _walk(root):
     while todo:
         links = []
         for top in sorted(todo):
-            try:
-                st = os.stat(os.path.join(root, top))
-            except OSError:  # a broken link to a folder holds nothing
-                continue
-            if (st.st_dev, st.st_ino) in seen_dirs:
-                left_out.append(top + "/")
-                continue
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
-                st = os.stat(dirpath)
+            stack = [top]
+            while stack:
+                rel = stack.pop()
+                path = os.path.join(root, rel)
+                try:
+                    st = os.stat(path)
+                    entries = list(os.scandir(path))
+                except OSError:  # a broken link to a folder, or one we may not read: it holds nothing for us
+                    continue
+                if (st.st_dev, st.st_ino) in seen_dirs:
+                    left_out.append(rel + "/")
+                    continue
                 seen_dirs.add((st.st_dev, st.st_ino))
-                rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-                prefix = "" if rel == "." else rel + "/"
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden folders hold no pictures
-                links += [prefix + d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-                for f in filenames:
-                    if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+                prefix = rel + "/" if rel else ""
+                for e in entries:
+                    if e.name.startswith("."):  # hidden files and folders hold no pictures
                         continue
-                    full = os.path.join(dirpath, f)
-                    try:
-                        st = os.stat(full)
-                        key, size, mtime = (st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns
-                    except OSError:  # a broken link: kept, for the scan to name it as unreadable
-                        key, size, mtime = full, -1, 0
-                    found.append((stage, os.path.islink(full), prefix + f, key, size, mtime))
+                    if e.is_dir():
+                        (links if e.is_symlink() else stack).append(prefix + e.name)
+                    elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                        try:
+                            st = e.stat()
+                            key, size, mtime = (st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns
+                        except OSError:  # a broken link: kept, for the scan to name it as unreadable
+                            key, size, mtime = e.path, -1, 0
+                        found.append((stage, e.is_symlink(), prefix + e.name, key, size, mtime))
         todo, stage = links, stage + 1
     entries, seen_files = [], set()
     for _, _, rel, key, size, mtime in sorted(found):

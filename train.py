@@ -381,7 +381,7 @@ if args.dataset == "folder":
             f"and times)" if cached else f"scanned {scan.files:,} files in {time.time() - t0:.1f} s")
     print0(f"{took}: {unreadable}, "
            f"mean {args.mean}, std {args.std}, median {w} x {h} px, {colour}, "
-           f"classes: {dataset.classes or 'none (unlabelled)'}")
+           f"classes: {f'{len(dataset.classes)} ({data.few(dataset.classes, 10)})' if dataset.classes else 'none (unlabelled)'}")
     if scan.truncated:
         print0(f"warning: {len(scan.truncated)} truncated file(s), read as far as they go (as viewers show them): "
                f"{data.few(scan.truncated, 10)}")
