@@ -325,6 +325,7 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precis
 
 # -----------------------------------------------------------------------------
 # data
+t0 = time.time()  # a folder's listing and scan, for its line below
 try:
     dataset = data.build_dataset(args.dataset, args.data_dir, "train", None, args.download, args.seed, args.holdout,
                                  args.in_chans)
@@ -365,7 +366,6 @@ def refuse_unreadable(bad, total, where):
 if args.dataset == "folder":
     # every file decoded once before any step (JPEGs at 1/8 scale): a bad file stops the run now, not at
     # step 5,000; the same pass measures the folder's mean and std, which the network's input is normalised by
-    t0 = time.time()
     scan, cached = scan_folder(dataset, "scan.json")
     args.mean, args.std = scan.mean, scan.std
     refuse_unreadable(scan.unreadable, len(dataset), f"below {args.data_dir}")
@@ -378,7 +378,7 @@ if args.dataset == "folder":
     unreadable = (f"{len(skipped)} unreadable, left out ({data.few([f for f, _ in skipped])}; all with the reasons "
                   f"in {os.path.join(args.out_dir, 'skipped.txt')})" if skipped else "0 unreadable")
     took = (f"scan of {scan.files:,} files read from {os.path.join(args.out_dir, 'scan.json')} (the same paths, sizes "
-            f"and times)" if cached else f"scanned {scan.files:,} files in {time.time() - t0:.1f} s")
+            f"and times) in {time.time() - t0:.1f} s" if cached else f"scanned {scan.files:,} files in {time.time() - t0:.1f} s")
     print0(f"{took}: {unreadable}, "
            f"mean {args.mean}, std {args.std}, median {w} x {h} px, {colour}, "
            f"classes: {f'{len(dataset.classes)} ({data.few(dataset.classes, 10)})' if dataset.classes else 'none (unlabelled)'}")
