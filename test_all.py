@@ -2458,6 +2458,24 @@ def test_folder_as_it_comes_trains_with_one_line_for_each_oddity(tmp_path):
 
 
 @slow
+def test_folder_splits_list_what_each_left_out(tmp_path):
+    root = tmp_path / "pics"
+    write_pictures(str(root), [f"{s}/{c}/{i}.png" for s in ("train", "val") for c in "ab" for i in range(6)])
+    for bad in ("train/a/3.png", "val/b/0.png"):
+        (root / bad).write_bytes(b"")
+    out = str(tmp_path / "run")
+    log = run([PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(root), "--batch_size", "8", "--cls_sizes", "2",
+               "--eval_every", "1", "--skip_unreadable", "--out_dir", out])
+    assert "11 images" in log
+    # paths below --data_dir, as clusters.csv names them, so that evaluate.py can leave out the same files
+    lines = open(f"{out}/skipped.txt").read().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["train/a/3.png", "val/b/0.png"]
+    assert json.load(open(f"{out}/scan_val.json"))["scan"]["unreadable"][0][0] == "b/0.png"
+    [record] = log_records(out, "eval")
+    assert record["num_eval"] == 11
+
+
+@slow
 def test_folder_changed_since_the_checkpoint_is_described(tmp_path):
     root = tmp_path / "pics"
     write_pictures(str(root), [f"{i:02d}.png" for i in range(24)])

@@ -332,6 +332,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(str(e)) from None
 skipped, args.mean, args.std = [], None, None  # None: the dataset's normalisation
+skipped_lines = []  # OUT/skipped.txt: (path below --data_dir, reason) of each file left out, of either split
 caches = {}  # name: (key, files, scan) of the folder scans to keep in OUT once the resume check has passed
 
 
@@ -371,6 +372,7 @@ if args.dataset == "folder":
     refuse_unreadable(scan.unreadable, len(dataset), f"below {args.data_dir}")
     skipped = scan.unreadable
     dataset.drop([f for f, _ in skipped])
+    skipped_lines += [(os.path.relpath(os.path.join(dataset.root, f), args.data_dir), e) for f, e in skipped]
     dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
     args.folder_files = dataset.fingerprint()
     w, h = scan.median_size
@@ -390,12 +392,12 @@ if args.dataset == "folder":
                f"as --max_pixels allows (each takes memory for its full size): {data.few(scan.large, 10)}")
 dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
                                          args.mean, args.std)
-images = f"{len(dataset):,} image{'s' if len(dataset) != 1 else ''}"
+images_text = f"{len(dataset):,} image{'s' if len(dataset) != 1 else ''}"
 if max(args.cls_sizes) > len(dataset):
     raise SystemExit(f"--cls_sizes {' '.join(map(str, args.cls_sizes))}: a head of {max(args.cls_sizes)} classes "
-                     f"for {images}; every class needs images, so pick sizes of at most {len(dataset)}")
+                     f"for {images_text}; every class needs images, so pick sizes of at most {len(dataset)}")
 if len(dataset) < args.batch_size:
-    raise SystemExit(f"the {args.dataset} training set has {images}, fewer than one global batch "
+    raise SystemExit(f"the {args.dataset} training set has {images_text}, fewer than one global batch "
                      f"of {args.batch_size}; lower --batch_size")
 
 
@@ -425,6 +427,8 @@ if args.eval_every:
             raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0][0]}: "
                              f"{bad[0][1]}; remove or fix them, pass --skip_unreadable, or --eval_every 0")
         eval_set.drop([f for f, _ in bad])
+        if eval_set.root != dataset.root:
+            skipped_lines += [(os.path.relpath(os.path.join(eval_set.root, f), args.data_dir), e) for f, e in bad]
     eval_loader = data.pass_loader(eval_set, 256, rank, world_size, args.workers)
 sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
 loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
@@ -684,9 +688,9 @@ if master:
         os.replace(log_path + ".tmp", log_path)
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    if args.skip_unreadable:  # one line a file: its path below --data_dir, a tab, the reason
+    if args.skip_unreadable:  # one line a file: its path below --data_dir (with /), a tab, the reason
         with open(os.path.join(args.out_dir, "skipped.txt"), "w") as f:
-            f.writelines(f"{path}\t{reason}\n" for path, reason in skipped)
+            f.writelines(f"{path.replace(os.sep, '/')}\t{reason}\n" for path, reason in skipped_lines)
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
        f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 # a CPU group of its own, so that the stop flag's all-reduce never queues behind DDP's gradients
