@@ -258,7 +258,8 @@ def read_picture(path, draft=None, max_pixels=DEFAULT_MAX_PIXELS):
 
 
 def open_image(path, channels=3, draft=None, max_pixels=DEFAULT_MAX_PIXELS):
-    """read_picture's picture as an RGB (channels 3) or L (channels 1) PIL image."""
+    """read_picture's picture as an RGB (channels 3) or L (channels 1) PIL image (palette and CMYK through PIL's
+    conversions)."""
     return read_picture(path, draft, max_pixels)[0].convert("L" if channels == 1 else "RGB")
 
 
