@@ -1677,7 +1677,7 @@ def test_folder_scan_prints_its_progress(tmp_path, monkeypatch, capsys):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     monkeypatch.setenv("PROGRESS_SECONDS", "0")
-    bad, _, _ = data.ImageFiles(str(tmp_path), None).scan()
+    bad = data.ImageFiles(str(tmp_path), None).scan(chunk=1).unreadable  # a chunk of one file: a line for each
     lines = capsys.readouterr().out.splitlines()
     assert bad == [] and [line.split(" | ")[0] for line in lines[:2]] == [f"scan of {tmp_path} {i}/3 files"
                                                                           for i in (1, 2)]
@@ -2266,12 +2266,254 @@ def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
     assert "2 of 40 files below" in err and "07.png: " in err and "31.png: " in err and "--skip_unreadable" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before  # stopped before training: the checkpoint is untouched
     log = run([PY, "train.py", *flags, "--data_dir", str(good), "--skip_unreadable", "--out_dir", str(tmp_path / "skip")])
-    assert "2 unreadable" in log and "38 images" in log
-    assert open(tmp_path / "skip" / "skipped.txt").read().split() == ["07.png", "31.png"]
+    assert "2 unreadable, left out (07.png, 31.png; all with the reasons in " in log and "38 images" in log
+    lines = open(tmp_path / "skip" / "skipped.txt").read().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["07.png", "31.png"] and all("\tnot a picture" in s for s in lines)
     # the same folder with other files is another data set: the first run's checkpoint does not resume on it
     [err] = fails([PY, "train.py", *flags, "--epochs", "2", "--data_dir", str(good), "--skip_unreadable",
                    "--out_dir", out])
-    assert "folder_files: checkpoint" in err and open(f"{out}/ckpt.pt", "rb").read() == before
+    assert "folder_files: the folder changed since the checkpoint: 0 added, 2 removed (07.png, 31.png)" in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+
+
+# -----------------------------------------------------------------------------
+# a folder as it comes: links and loops, stray pictures, huge and truncated pictures, a folder that changed
+
+
+def write_pictures(folder, names, side=(20, 24), seed=0):
+    """Small random RGB PNG files at these paths below folder."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*side[::-1], 3), dtype=np.uint8)).save(os.path.join(folder, name))
+
+
+def truncated_jpeg(path, cut=2):
+    """matplotlib's sample photo as a JPEG file without its last bytes (cut 2: the end marker alone)."""
+    from matplotlib import cbook
+    with open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[:-cut])
+    return whole
+
+
+def test_folder_links_list_each_real_file_once(tmp_path, capsys):
+    root = tmp_path / "pics"
+    write_pictures(str(root), [f"{c}/{i}.png" for c in "ab" for i in range(3)])
+    os.symlink("..", root / "a" / "up")  # a loop: a/up/a/up/... would list every picture again and again
+    os.symlink(root / "b", root / "c")  # a second name for a real folder
+    os.symlink(root / "b" / "0.png", root / "a" / "0b.png")  # and for a real file
+    os.symlink("2.png", root / "b" / "2_again.png")
+    outside = tmp_path / "elsewhere"
+    write_pictures(str(outside), ["x.png"])
+    os.symlink(outside, root / "d")  # a folder that only a link reaches is read, once
+    os.symlink(outside, root / "e")
+    files = data.find_images(str(root))
+    assert files == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "d/x.png"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"warning: {root}: 5 link(s) left out, each to a folder or picture already listed (each real file "
+                     f"is read once): a/0b.png, a/up/, b/2_again.png, ..."]
+    data.find_images(str(root))  # one warning per folder and process
+    assert capsys.readouterr().out == ""
+
+
+def test_folder_stray_pictures_at_the_root_are_named(tmp_path, capsys):
+    root = tmp_path / "labelled"
+    write_pictures(str(root), ["cat/1.png", "cat/2.png", "dog/1.png", "loose.png", "stray.png"])
+    ds = data.ImageFiles(str(root), None)
+    assert ds.classes is None and (ds.labels == -1).all()  # unlabelled, as before
+    assert capsys.readouterr().out == (f"warning: {root}: 2 picture(s) outside its sub-folders (loose.png, stray.png), so "
+                                       f"the folder is read as unlabelled and the label metrics (NMI, AMI, ARI, ACC) are "
+                                       f"off; to score by the sub-folders' names, move them into a sub-folder\n")
+    os.makedirs(root / "misc")
+    for name in ("loose.png", "stray.png"):
+        os.replace(root / name, root / "misc" / name)
+    ds = data.ImageFiles(str(root), None)
+    assert ds.classes == ["cat", "dog", "misc"] and capsys.readouterr().out == ""
+    write_pictures(str(tmp_path / "flat"), ["1.png", "2.png"])  # no sub-folders: unlabelled, nothing to warn about
+    data.ImageFiles(str(tmp_path / "flat"), None)
+    assert capsys.readouterr().out == ""
+
+
+def test_folder_scan_measures_sizes_and_colour_alike_for_any_split(tmp_path):
+    from PIL import Image
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (30, 1))  # 25 x 30, every pixel grey
+    for k, (w, h) in enumerate([(25, 30), (40, 10), (60, 50), (25, 31)]):
+        Image.fromarray(np.ascontiguousarray(np.resize(grey, (h, w)))).convert("RGB").save(tmp_path / f"g{k}.jpg", quality=70)
+    rgb = np.zeros((12, 16, 3), np.uint8)
+    rgb[..., 0] = 200  # red: colour
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    near = np.full((8, 8, 3), 100, np.uint8)
+    near[..., 2] += data.COLOUR_SPREAD  # at the threshold: not colour
+    Image.fromarray(near).save(tmp_path / "near.png")
+    ds = data.ImageFiles(str(tmp_path), None)
+    one = ds.scan(chunk=64)
+    assert one.unreadable == [] and one.files == 6 and one.truncated == [] and one.large == []
+    assert one.median_size == (25, 21)  # widths 8 16 25 25 40 60, heights 8 10 12 30 31 50
+    assert one.colour and one.colour_pictures == 1
+    # the pixel mean over thumbnails, by an independent count
+    pixels = [np.asarray(data.open_image(ds.path(i)), dtype=np.float64).reshape(-1, 3) / 255 for i in range(6)]
+    assert one.mean == pytest.approx(np.concatenate(pixels).mean(0), abs=1e-4)
+    # chunks in any number of processes and workers: the same numbers to the last digit
+    parts = [p for r in range(3) for p in ds.scan_part(chunk=1, rank=r, world_size=3, workers=r)]
+    assert data.merge_scan(parts) == ds.scan(chunk=1) and ds.scan(chunk=1).mean == one.mean
+    grey_ds = data.ImageFiles(str(tmp_path), None, channels=1)
+    assert grey_ds.scan().colour_pictures == 1 and len(grey_ds.scan().mean) == 1  # colour is measured on RGB
+    record = tmp_path / "out" / "scan.json"  # kept and read back as it was
+    files = [[f, s, t] for f, (s, t) in zip(ds.files, ds.stats)]
+    data.write_scan_cache(str(record), ds.scan_key(), files, one)
+    back = data.read_scan_cache(str(record))
+    assert back["scan"] == one and back["key"] == ds.scan_key() and back["files"] == files
+    os.utime(tmp_path / "red.png", ns=(0, 0))  # a file's time is part of the key
+    assert data.ImageFiles(str(tmp_path), None).scan_key() != back["key"]
+
+
+def test_folder_large_and_truncated_pictures(tmp_path, monkeypatch):
+    import warnings
+    from PIL import Image, ImageFile
+    assert data.DEFAULT_MAX_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL's own limit, the flag's default
+    whole = truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(OSError, match="truncated"):  # PIL alone refuses it
+        with open(tmp_path / "cut.jpg", "rb") as f:
+            Image.open(f).load()
+    img, size, truncated = data.read_picture(str(tmp_path / "cut.jpg"))
+    import io
+    full = np.asarray(Image.open(io.BytesIO(whole)).convert("RGB"), dtype=np.int64)
+    assert truncated and size == (512, 600) and np.abs(np.asarray(img, dtype=np.int64) - full).max() <= 1
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # only for the files that need it
+    truncated_jpeg(tmp_path / "half.jpg", cut=30000)  # half the data: what there is, the rest PIL's grey
+    assert data.read_picture(str(tmp_path / "half.jpg"))[2]
+    write_pictures(str(tmp_path), ["ok.png"], side=(700, 500))
+    ds = data.ImageFiles(str(tmp_path), None, max_pixels=512 * 600)  # the photo's pixels: at the limit, accepted
+    scan = ds.scan()
+    assert scan.unreadable == [("ok.png", "700 x 500 = 350,000 pixels, above the limit of 307,200 (--max_pixels; "
+                                          "0 = no limit)")]
+    assert scan.truncated == ["cut.jpg", "half.jpg"]
+    monkeypatch.setattr(data, "DEFAULT_MAX_PIXELS", 500)  # a picture above PIL's limit, read as the flag allows
+    ds.max_pixels = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning, which names no file, is not raised
+        scan = ds.scan()
+    assert scan.unreadable == [] and scan.large == ["cut.jpg", "half.jpg", "ok.png"]
+
+
+def test_folder_data_dir_is_kept_absolute(monkeypatch, capsys, tmp_path):
+    rel = os.path.relpath(tmp_path, HERE)
+    monkeypatch.chdir(HERE)
+    got = dry_run(monkeypatch, capsys, "--dataset", "folder", "--data_dir", rel)
+    assert got["data_dir"] == str(tmp_path) and got["max_pixels"] == data.DEFAULT_MAX_PIXELS
+    assert "--max_pixels -1: give a number of pixels, or 0 for no limit" in dry_run(
+        monkeypatch, capsys, "--dataset", "folder", "--max_pixels", "-1")
+
+
+TINY_FOLDER_RUN = ("--dataset", "folder", "--width", "4", "--mlp_hidden", "16", "--mlp_out", "8", "--size", "16",
+                   "--local_size", "8", "--workers", "0", "--eval_every", "0", "--log_every", "1", "--epochs", "1")
+
+
+@slow
+def test_folder_size_messages_count_right(tmp_path):
+    write_pictures(str(tmp_path / "one"), ["a.png"])
+    write_pictures(str(tmp_path / "five"), [f"{i}.png" for i in range(5)])
+    one, six, batch = fails(
+        [PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(tmp_path / "one"), "--out_dir", str(tmp_path / "o1")],
+        [PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(tmp_path / "five"), "--cls_sizes", "6", "--batch_size",
+         "5", "--out_dir", str(tmp_path / "o2")],
+        [PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(tmp_path / "one"), "--cls_sizes", "1", "--out_dir",
+         str(tmp_path / "o3")])
+    assert "--cls_sizes 10 30 100: a head of 100 classes for 1 image; every class needs images, so pick sizes of " \
+           "at most 1" in one
+    assert "--cls_sizes 6: a head of 6 classes for 5 images; every class needs images, so pick sizes of at most 5" in six
+    assert "the folder training set has 1 image, fewer than one global batch of 128" in batch
+    log = run([PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(tmp_path / "five"), "--cls_sizes", "5",
+               "--batch_size", "5", "--out_dir", str(tmp_path / "o4")])  # at most 5: 5 is accepted
+    assert "5 images, 1 steps/epoch" in log and "Traceback" not in "".join((one, six, batch))
+
+
+@slow
+def test_folder_as_it_comes_trains_with_one_line_for_each_oddity(tmp_path):
+    from PIL import Image
+    root = tmp_path / "pics"
+    write_pictures(str(root), [f"{c}/{i:02d}.png" for c in "ab" for i in range(12)] + ["stray.png"])
+    os.symlink("..", root / "a" / "up")
+    truncated_jpeg(root / "b" / "cut.jpg")
+    (root / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("L", (12000, 12000)).save(root / "b" / "huge.png")  # 144 million pixels: between PIL's two limits
+    flags = (*TINY_FOLDER_RUN, "--data_dir", os.path.relpath(root, HERE), "--batch_size", "8", "--cls_sizes", "4")
+    out, two, big = (str(tmp_path / d) for d in ("run", "two", "big"))
+    [err] = fails([PY, "train.py", *flags, "--out_dir", out])  # unreadable files stop the run, each with its reason
+    assert ("2 of 28 files below" in err and "bad.png: not a picture: no format PIL reads" in err
+            and "huge.png: 12,000 x 12,000 = 144,000,000 pixels, above the limit of 89,478,485 (--max_pixels; 0 = no "
+                "limit)" in err)
+    log, log2 = side_by_side([PY, "train.py", *flags, "--skip_unreadable", "--out_dir", out],
+                             torchrun("train.py", *flags, "--skip_unreadable", "--workers", "1", "--out_dir", two))
+    for text in (log, log2):
+        assert text.count("link(s) left out") == 1 and f"{root}: 1 link(s) left out" in text and "a/up/" in text
+        assert text.count("picture(s) outside its sub-folders (stray.png)") == 1
+        assert "warning: 1 truncated file(s), read as far as they go (as viewers show them): b/cut.jpg" in text
+        assert (f"2 unreadable, left out (b/bad.png, b/huge.png; all with the reasons in {tmp_path}" in text
+                and "/skipped.txt)" in text)
+        assert "26 images" in text and "median 20 x 24 px, 26 of 26 in colour" in text
+    assert [line.split("\t")[0] for line in open(f"{out}/skipped.txt").read().splitlines()] == ["b/bad.png", "b/huge.png"]
+    assert "\tnot a picture" in open(f"{out}/skipped.txt").read()
+    # two processes, one loader worker each, scan as one process does
+    a, b = (json.load(open(f"{d}/scan.json"))["scan"] for d in (out, two))
+    assert a == b and a["truncated"] == ["b/cut.jpg"]
+    args = json.load(open(f"{out}/args.json"))
+    assert args["data_dir"] == str(root) == torch.load(f"{out}/ckpt.pt", weights_only=True)["args"]["data_dir"]
+    # the same files again: the scan is read from OUT, not done again
+    log = run([PY, "train.py", *flags, "--skip_unreadable", "--epochs", "2", "--out_dir", out])
+    assert f"scan of 28 files read from {out}/scan.json (the same paths, sizes and times) in " in log
+    assert "scan of " + str(root) not in log and "resumed from" in log
+    log = run([PY, "train.py", *flags, "--skip_unreadable", "--max_pixels", "0", "--out_dir", big])
+    assert "1 unreadable" in log and "warning: 1 picture(s) above PIL's limit of 89,478,485 pixels, read as " \
+           "--max_pixels allows (each takes memory for its full size): b/huge.png" in log
+    assert "DecompressionBomb" not in log
+
+
+@slow
+def test_folder_splits_list_what_each_left_out(tmp_path):
+    root = tmp_path / "pics"
+    write_pictures(str(root), [f"{s}/{c}/{i}.png" for s in ("train", "val") for c in "ab" for i in range(6)])
+    for bad in ("train/a/3.png", "val/b/0.png"):
+        (root / bad).write_bytes(b"")
+    out = str(tmp_path / "run")
+    log = run([PY, "train.py", *TINY_FOLDER_RUN, "--data_dir", str(root), "--batch_size", "8", "--cls_sizes", "2",
+               "--eval_every", "1", "--skip_unreadable", "--out_dir", out])
+    assert "11 images" in log
+    # paths below --data_dir, as clusters.csv names them, so that evaluate.py can leave out the same files
+    lines = open(f"{out}/skipped.txt").read().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["train/a/3.png", "val/b/0.png"]
+    assert json.load(open(f"{out}/scan_val.json"))["scan"]["unreadable"][0][0] == "b/0.png"
+    [record] = log_records(out, "eval")
+    assert record["num_eval"] == 11
+
+
+@slow
+def test_folder_changed_since_the_checkpoint_is_described(tmp_path):
+    root = tmp_path / "pics"
+    write_pictures(str(root), [f"{i:02d}.png" for i in range(24)])
+    out = str(tmp_path / "run")
+    flags = (*TINY_FOLDER_RUN, "--data_dir", str(root), "--batch_size", "8", "--cls_sizes", "4", "--out_dir", out)
+    run([PY, "train.py", *flags])
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    write_pictures(str(root), ["new.png", "newer.png"], seed=1)
+    os.remove(root / "03.png")
+    os.utime(root / "05.png", ns=(0, 0))
+    [err] = fails([PY, "train.py", *flags, "--epochs", "2"])
+    assert ("folder_files: the folder changed since the checkpoint: 2 added (new.png, newer.png), 1 removed (03.png), "
+            "1 changed in size or modification time (05.png)") in err
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+    os.rename(f"{out}/scan.json", f"{out}/kept.json")  # a checkpoint from before the scan was kept: as before
+    [err] = fails([PY, "train.py", *flags, "--epochs", "2"])
+    assert "folder_files: checkpoint '" in err and "added" not in err
+    os.rename(f"{out}/kept.json", f"{out}/scan.json")
+    for name in ("new.png", "newer.png"):
+        os.remove(root / name)
+    write_pictures(str(root), ["03.png"], seed=2)  # the same names again, one picture of other bytes
+    log = run([PY, "train.py", *flags, "--epochs", "2"])
+    assert "warning: 2 file(s) below" in log and "(03.png, 05.png); resuming on them" in log and "resumed from" in log
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,9 @@ parser.add_argument("--data_dir", default=None, help="dataset location (fashion_
 parser.add_argument("--channels", type=int, default=None, choices=[1, 3], help="folder: 1 reads the pictures as "
                     "greyscale (scans, X-rays, micrographs) into a 1-channel network; default 3 (RGB)")
 parser.add_argument("--skip_unreadable", action="store_true", help="folder: train without the files that cannot "
-                    "be decoded, listed in OUT/skipped.txt (default: name them and stop before training)")
+                    "be decoded, listed with the reasons in OUT/skipped.txt (default: name them and stop before training)")
+parser.add_argument("--max_pixels", type=int, default=data.DEFAULT_MAX_PIXELS, help="folder: a picture of more pixels "
+                    "is unreadable (decoding 15,000 x 15,000 px takes 675 MB); default PIL's limit, 0 = no limit")
 parser.add_argument("--download", action="store_true", help="download the dataset with torchvision (needs a network)")
 parser.add_argument("--holdout", type=int, default=0, help="train without the last N training images (a fixed "
                     "permutation); evaluate.py then scores on them instead of the test set (for tuning)")
@@ -248,6 +250,10 @@ for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, sela_sch
         setattr(args, k, v)
 if args.data_dir is None:
     args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
+if args.dataset == "folder":  # absolute in args.json and the checkpoint: evaluate.py may run from another folder
+    args.data_dir = os.path.abspath(args.data_dir)
+if args.max_pixels < 0:
+    raise SystemExit(f"--max_pixels {args.max_pixels}: give a number of pixels, or 0 for no limit")
 if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
     raise SystemExit(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < LO <= HI <= 1")
 if args.no_prior and args.method != "self_classifier":
@@ -319,34 +325,79 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precis
 
 # -----------------------------------------------------------------------------
 # data
+t0 = time.time()  # a folder's listing and scan, for its line below
 try:
     dataset = data.build_dataset(args.dataset, args.data_dir, "train", None, args.download, args.seed, args.holdout,
                                  args.in_chans)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(str(e)) from None
 skipped, args.mean, args.std = [], None, None  # None: the dataset's normalisation
+skipped_lines = []  # OUT/skipped.txt: (path below --data_dir, reason) of each file left out, of either split
+caches = {}  # name: (key, files, scan) of the folder scans to keep in OUT once the resume check has passed
+
+
+def scan_folder(ds, name):
+    """ds.scan(), from OUT/name when it was made of the same files (paths, bytes, mtimes), else shared: each process
+    decodes 1/world_size of the files with --workers loader processes, and every process gets the whole scan."""
+    ds.max_pixels = args.max_pixels
+    path, key = os.path.join(args.out_dir, name), ds.scan_key()
+    record = data.read_scan_cache(path) if master else None
+    found = [record["scan"] if record and record["key"] == key else None]
+    if ddp:
+        dist.broadcast_object_list(found, 0)  # rank 0 decides for all: every process scans, or none does
+    if found[0] is not None:
+        return found[0], True
+    parts = ds.scan_part(workers=args.workers, rank=rank, world_size=world_size)
+    if ddp:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, parts)
+        parts = [p for share in shares for p in share]
+    scan = data.merge_scan(parts)
+    caches[name] = (key, [[f, size, mtime] for f, (size, mtime) in zip(ds.files, ds.stats)], scan)
+    return scan, False
+
+
+def refuse_unreadable(bad, total, where):
+    if bad and not args.skip_unreadable:
+        raise SystemExit(f"{len(bad)} of {total} files {where} cannot be decoded:\n  "
+                         + "\n  ".join(f"{f}: {e}" for f, e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+                         + "\nremove or fix them, or pass --skip_unreadable to train without them")
+
+
 if args.dataset == "folder":
     # every file decoded once before any step (JPEGs at 1/8 scale): a bad file stops the run now, not at
     # step 5,000; the same pass measures the folder's mean and std, which the network's input is normalised by
-    t0 = time.time()
-    bad, args.mean, args.std = dataset.scan()
-    if bad and not args.skip_unreadable:
-        raise SystemExit(f"{len(bad)} of {len(dataset)} files below {args.data_dir} cannot be decoded:\n  "
-                         + "\n  ".join(f"{f}: {e}" for f, e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-                         + "\nremove or fix them, or pass --skip_unreadable to train without them")
-    skipped = [f for f, _ in bad]
-    dataset.drop(skipped)
+    scan, cached = scan_folder(dataset, "scan.json")
+    args.mean, args.std = scan.mean, scan.std
+    refuse_unreadable(scan.unreadable, len(dataset), f"below {args.data_dir}")
+    skipped = scan.unreadable
+    dataset.drop([f for f, _ in skipped])
+    skipped_lines += [(os.path.relpath(os.path.join(dataset.root, f), args.data_dir), e) for f, e in skipped]
     dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
     args.folder_files = dataset.fingerprint()
-    print0(f"scanned {len(dataset) + len(skipped):,} files in {time.time() - t0:.1f} s: {len(skipped)} unreadable, "
-           f"mean {args.mean}, std {args.std}, classes: {dataset.classes or 'none (unlabelled)'}")
+    w, h = scan.median_size
+    colour = (f"{scan.colour_pictures:,} of {len(dataset):,} in colour" if scan.colour else "none in colour")
+    unreadable = (f"{len(skipped)} unreadable, left out ({data.few([f for f, _ in skipped])}; all with the reasons "
+                  f"in {os.path.join(args.out_dir, 'skipped.txt')})" if skipped else "0 unreadable")
+    took = (f"scan of {scan.files:,} files read from {os.path.join(args.out_dir, 'scan.json')} (the same paths, sizes "
+            f"and times) in {time.time() - t0:.1f} s" if cached else f"scanned {scan.files:,} files in {time.time() - t0:.1f} s")
+    print0(f"{took}: {unreadable}, "
+           f"mean {args.mean}, std {args.std}, median {w} x {h} px, {colour}, "
+           f"classes: {f'{len(dataset.classes)} ({data.few(dataset.classes, 10)})' if dataset.classes else 'none (unlabelled)'}")
+    if scan.truncated:
+        print0(f"warning: {len(scan.truncated)} truncated file(s), read as far as they go (as viewers show them): "
+               f"{data.few(scan.truncated, 10)}")
+    if scan.large:
+        print0(f"warning: {len(scan.large)} picture(s) above PIL's limit of {data.DEFAULT_MAX_PIXELS:,} pixels, read "
+               f"as --max_pixels allows (each takes memory for its full size): {data.few(scan.large, 10)}")
 dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
                                          args.mean, args.std)
+images_text = f"{len(dataset):,} image{'s' if len(dataset) != 1 else ''}"
 if max(args.cls_sizes) > len(dataset):
     raise SystemExit(f"--cls_sizes {' '.join(map(str, args.cls_sizes))}: a head of {max(args.cls_sizes)} classes "
-                     f"for {len(dataset)} images; every class needs images, so pick sizes below {len(dataset)}")
+                     f"for {images_text}; every class needs images, so pick sizes of at most {len(dataset)}")
 if len(dataset) < args.batch_size:
-    raise SystemExit(f"the {args.dataset} training set has {len(dataset)} images, fewer than one global batch "
+    raise SystemExit(f"the {args.dataset} training set has {images_text}, fewer than one global batch "
                      f"of {args.batch_size}; lower --batch_size")
 
 
@@ -356,7 +407,7 @@ def center_crop_set(split):
     tf = data.eval_transform(args.dataset, args.size, args.mean, args.std)
     ds = data.build_dataset(args.dataset, args.data_dir, split, tf, holdout=args.holdout, channels=args.in_chans)
     if args.dataset == "folder":
-        ds.draft_side = args.size
+        ds.draft_side, ds.max_pixels = args.size, args.max_pixels
     return ds
 
 
@@ -371,11 +422,13 @@ if args.eval_every:
     if labelled:
         n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
     if args.dataset == "folder":
-        bad = [f for f, _ in eval_set.scan()[0]] if eval_set.root != dataset.root else skipped
+        bad = scan_folder(eval_set, "scan_val.json")[0].unreadable if eval_set.root != dataset.root else skipped
         if bad and not args.skip_unreadable:
-            raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0]}; remove or "
-                             f"fix them, pass --skip_unreadable, or --eval_every 0")
-        eval_set.drop(bad)
+            raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0][0]}: "
+                             f"{bad[0][1]}; remove or fix them, pass --skip_unreadable, or --eval_every 0")
+        eval_set.drop([f for f, _ in bad])
+        if eval_set.root != dataset.root:
+            skipped_lines += [(os.path.relpath(os.path.join(eval_set.root, f), args.data_dir), e) for f, e in bad]
     eval_loader = data.pass_loader(eval_set, 256, rank, world_size, args.workers)
 sampler = data.EpochSampler(len(dataset), args.batch_size, world_size, rank, args.seed)
 loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.workers,
@@ -422,7 +475,7 @@ pseudo_labels, relabel_steps = None, set()
 if args.method == "sela":
     label_set = center_crop_set("train")  # the relabelling pass sees each training image once, as a center crop
     if args.dataset == "folder":
-        label_set.drop(skipped)
+        label_set.drop([f for f, _ in skipped])
     label_loader = data.pass_loader(label_set, local_batch, rank, world_size, args.workers)
     g = torch.Generator().manual_seed(args.seed)
     pseudo_labels = torch.stack([torch.randperm(len(dataset), generator=g) % c for c in args.cls_sizes]).to(device)
@@ -442,6 +495,20 @@ if resume is not None:
     keys = MUST_MATCH + (("folder_files",) if args.dataset == "folder" else ())
     old = {k: ckpt["args"].get(k, BEFORE_FLAG.get(k, parser.get_default(k))) for k in keys}
     diff = [f"{k}: checkpoint {old[k]!r}, now {getattr(args, k)!r}" for k in keys if old[k] != getattr(args, k)]
+    if args.dataset == "folder" and "scan.json" in caches:
+        # OUT/scan.json still holds the files the checkpoint's run scanned (a new scan is kept only after this check)
+        record = data.read_scan_cache(os.path.join(args.out_dir, "scan.json"))
+        was = [r for r in record["files"] if r[0] not in dict(record["scan"].unreadable)] if record else []
+        if record and data.files_fingerprint([f for f, _, _ in was]) == old["folder_files"]:
+            now = [r for r in caches["scan.json"][1] if r[0] not in dict(skipped)]
+            added, removed, changed = data.folder_changes(was, now)
+            if old["folder_files"] != args.folder_files:
+                diff = [f"folder_files: the folder changed since the checkpoint: "
+                        f"{data.describe_changes(added, removed, changed)}" if d.startswith("folder_files:") else d
+                        for d in diff]
+            elif changed:  # the same files in the same order: the run goes on, but should know
+                print0(f"warning: {len(changed)} file(s) below {args.data_dir} changed in size or modification time "
+                       f"since the checkpoint's scan ({data.few(changed)}); resuming on them")
     if diff:
         raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
                          + "\n  ".join(diff))
@@ -454,6 +521,8 @@ if resume is not None:
     start_step = ckpt["step"]
     print0(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}, step {start_step}")
     del ckpt
+for name, (key, files, scan) in caches.items() if master else ():  # kept only now: a refused resume keeps the old list
+    data.write_scan_cache(os.path.join(args.out_dir, name), key, files, scan)
 raw_model = model
 if args.compile:
     model = torch.compile(model)
@@ -621,9 +690,9 @@ if master:
         os.replace(log_path + ".tmp", log_path)
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    if args.skip_unreadable:
+    if args.skip_unreadable:  # one line a file: its path below --data_dir (with /), a tab, the reason
         with open(os.path.join(args.out_dir, "skipped.txt"), "w") as f:
-            f.writelines(f"{s}\n" for s in skipped)
+            f.writelines(f"{path.replace(os.sep, '/')}\t{reason}\n" for path, reason in skipped_lines)
 print0(f"{args.method} on {args.dataset}: {len(dataset):,} images, {steps_per_epoch} steps/epoch, {world_size} "
        f"process(es) x {local_batch} on {device.type} in {args.precision}, {sum(p.numel() for p in raw_model.parameters()):,} parameters")
 # a CPU group of its own, so that the stop flag's all-reduce never queues behind DDP's gradients
