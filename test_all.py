@@ -2316,10 +2316,10 @@ def test_no_flip_keeps_the_left_on_the_left():
 
 @slow
 def test_folder_recipe_beats_kmeans_on_raw_pixels(tmp_path):
-    # the default recipe through the real command lines on 1000 synthetic colour pictures: head 0 scores at least
-    # k-means on the same pictures' raw pixels (mean over 5 k-means seeds), as in every seed measured
-    # (docs/experiments.md, "the folder recipe for small pictures")
-    images, labels = data.make_synthetic(1000, seed=3)
+    # the default recipe through the real command lines on 640 synthetic colour pictures (5 steps an epoch): head 0
+    # scores at least k-means on the same pictures' raw pixels (mean over 5 k-means seeds), as in every training
+    # seed measured (docs/experiments.md, "the folder recipe for small pictures")
+    images, labels = data.make_synthetic(640, seed=3)
     root = write_pngs(str(tmp_path / "shapes"), images, labels)
     out = str(tmp_path / "run")
     log = run([PY, "train.py", "--dataset", "folder", "--data_dir", root, "--out_dir", out, "--workers", "0"],
@@ -2331,7 +2331,7 @@ def test_folder_recipe_beats_kmeans_on_raw_pixels(tmp_path):
     x = images.reshape(len(images), -1) / 255.0
     pixels = [metrics.kmeans(x, 10, seed=s) for s in range(5)]
     acc, nmi_ = np.mean([cluster_acc(labels, p) for p in pixels]), np.mean([nmi(labels, p) for p in pixels])
-    assert m["num_eval"] == 1000 and m["acc"] >= acc and m["nmi"] >= nmi_, (m["acc"], m["nmi"], acc, nmi_)
+    assert m["num_eval"] == 640 and m["acc"] >= acc and m["nmi"] >= nmi_, (m["acc"], m["nmi"], acc, nmi_)
 
 
 # -----------------------------------------------------------------------------
