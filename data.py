@@ -85,9 +85,10 @@ class MultiCrop:
     precomputed constants (3x faster). Colour jitter, blur and solarisation stay PIL's.
     """
 
-    def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True):
-        self.flip_jitter = transforms.Compose([
-            transforms.RandomHorizontalFlip(), transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)])
+    def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True, flip=True):
+        # flip=False for pictures whose mirror image means something else (text, digits, scans)
+        self.flip_jitter = transforms.Compose([transforms.RandomHorizontalFlip()] * flip + [
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)])
         self.views = [(size, scale, 0.1, 0.0), (size, scale, 1.0, 0.2)] + [(local_size, local_scale, 0.5, 0.0)] * n_local
         self.blur = blur
         self.shift = torch.tensor(mean)[:, None, None] * 255  # (C, 1, 1): (x / 255 - mean) / std = (x - shift) * mul
@@ -131,10 +132,10 @@ def default_crop_scale(name, n_local):
     return d["scale"] if n_local else d["scale_2views"]
 
 
-def train_transform(name, n_local, size=None, local_size=None, scale=None, mean=None, std=None):
+def train_transform(name, n_local, size=None, local_size=None, scale=None, mean=None, std=None, flip=True):
     d = DATASETS[name]
     return MultiCrop(size or d["size"], local_size or d["local_size"], scale or default_crop_scale(name, n_local),
-                     d["local_scale"], n_local, mean or d["mean"], std or d["std"], d["blur"])
+                     d["local_scale"], n_local, mean or d["mean"], std or d["std"], d["blur"], flip)
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -533,6 +534,26 @@ def folder_splits(data_dir):
     """DIR/train and DIR/val when both exist, else DIR for training and evaluation alike."""
     train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
     return (train, val) if os.path.isdir(train) and os.path.isdir(val) else (data_dir, data_dir)
+
+
+def picture_stats(ds, n=256):
+    """(median shorter side in px, whether the pictures have colour) of an ImageFiles, from n of its files spread
+    evenly over the sorted list; unreadable files are left to the scan. Colour: the median picture's channels
+    differ by more than 2 levels on average (a grey picture saved as RGB, or as a JPEG, stays grey)."""
+    sides, spread = [], []
+    for i in np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int)):
+        try:
+            with open(ds.path(i), "rb") as f:
+                sides.append(min(ImageOps.exif_transpose(Image.open(f)).size))
+            img = open_image(ds.path(i), 3, draft=(32, 32))
+        except Exception:
+            continue
+        img.thumbnail((32, 32))
+        x = np.asarray(img, dtype=np.float64)
+        spread.append((np.abs(x[..., 0] - x[..., 1]) + np.abs(x[..., 1] - x[..., 2])).mean() / 2)
+    if not sides:
+        return None, True
+    return int(np.median(sides)), bool(np.median(spread) > 2)
 
 
 class EpochSampler(torch.utils.data.Sampler):

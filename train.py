@@ -39,7 +39,8 @@ parser.add_argument("--data_dir", default=None, help="dataset location (fashion_
                     "folder: every picture below it; first-level sub-folders, if every picture sits in one, are "
                     "classes used only for scoring; DIR/train and DIR/val, when both exist, are the splits)")
 parser.add_argument("--channels", type=int, default=None, choices=[1, 3], help="folder: 1 reads the pictures as "
-                    "greyscale (scans, X-rays, micrographs) into a 1-channel network; default 3 (RGB)")
+                    "greyscale (scans, X-rays, micrographs) into a 1-channel network, 3 as RGB; default 1 where the "
+                    "pictures have no colour, else 3")
 parser.add_argument("--skip_unreadable", action="store_true", help="folder: train without the files that cannot "
                     "be decoded, listed with the reasons in OUT/skipped.txt (default: name them and stop before training)")
 parser.add_argument("--max_pixels", type=int, default=data.DEFAULT_MAX_PIXELS, help="folder: a picture of more pixels "
@@ -96,6 +97,8 @@ parser.add_argument("--size", type=int, default=None, help="global crop side in 
 parser.add_argument("--local_size", type=int, default=None, help="local crop side in px")
 parser.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="area range of the global crops, as fractions of the image (default: the dataset's)")
+parser.add_argument("--no_flip", action="store_true", help="no horizontal flips: for pictures whose mirror image "
+                    "means something else (text, digits, scans of forms)")
 # optimisation
 parser.add_argument("--epochs", type=int, default=None, help="passes over the training set")
 parser.add_argument("--batch_size", type=int, default=None, help="GLOBAL batch, split evenly over processes")
@@ -176,6 +179,7 @@ RECIPES = {
     "folder": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                    queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
                    weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5, eval_every=10),
+    # small pictures (median side of 32 px or less): see folder_recipe below
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
                       queue_len=0, n_local=0, epochs=6, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
@@ -203,6 +207,20 @@ METHOD_RECIPES = {
     ("cifar10", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
     ("cifar100", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
 }
+
+
+def folder_recipe(side, colour):
+    """The folder recipe's changes for pictures of this median shorter side (px) and colour, and a line saying
+    why (docs/experiments.md, "the folder recipe for small pictures"): small pictures are cropped at their own
+    size, as the in-memory small-picture recipes are, with little cropping, which tiny objects do not survive."""
+    what = f"median side {side} px, {'colour' if colour else 'grey'}"
+    if side is None or side > 32:
+        return {}, f"{what}: the recipe for photos (64-px crops of area 0.25-1)"
+    size = max(16, side)
+    small = dict(size=size, local_size=size // 2, crop_scale=[0.8, 1.0])
+    return small, f"{what}: the recipe for small pictures ({size}-px crops of area 0.8-1)"
+
+
 # --init: the network's shape comes from the file, or on a resume from the checkpoint, which wins over --init
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -235,6 +253,23 @@ if args.dataset == "imagenet":
     if args.method != "sela":
         args.recipe = args.recipe or "bs2048"
         RECIPES["imagenet"].update(IMAGENET_RUNS[args.recipe])
+if args.data_dir is None:
+    args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
+args.folder_recipe = None
+if args.dataset == "folder":
+    try:  # the train split's files, sampled before the recipe is fixed
+        files = data.build_dataset("folder", args.data_dir, "train", None)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    side, colour = data.picture_stats(files)
+    if args.init:  # a network from a file keeps the stem and input channels it was trained with
+        small, args.folder_recipe = {}, f"the recipe for photos, as --init {args.init} was trained on them"
+    else:
+        small, args.folder_recipe = folder_recipe(side, colour)
+        # grey pictures in three channels would only triple the first conv's input: read them as one channel
+        args.channels = args.channels or (3 if colour else 1)
+        args.folder_recipe += f", {args.channels} channel{'s' * (args.channels > 1)}"
+    RECIPES["folder"].update(small)
 RECIPES["cifar10"]["sela_lamb"] = RECIPES["cifar100"]["sela_lamb"] = 10.0  # SeLa's cifar.py (its ImageNet code: 25)
 RECIPES[args.dataset].update(METHOD_RECIPES.get((args.dataset, args.method), {}))
 for k, v in RECIPES[args.dataset].items():
@@ -248,8 +283,6 @@ for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, sela_sch
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
     if getattr(args, k) is None:
         setattr(args, k, v)
-if args.data_dir is None:
-    args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
 if args.dataset == "folder":  # absolute in args.json and the checkpoint: evaluate.py may run from another folder
     args.data_dir = os.path.abspath(args.data_dir)
 if args.max_pixels < 0:
@@ -375,6 +408,7 @@ if args.dataset == "folder":
     skipped_lines += [(os.path.relpath(os.path.join(dataset.root, f), args.data_dir), e) for f, e in skipped]
     dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
     args.folder_files = dataset.fingerprint()
+    print0(f"folder recipe: {args.folder_recipe} (flags given win)")
     w, h = scan.median_size
     colour = (f"{scan.colour_pictures:,} of {len(dataset):,} in colour" if scan.colour else "none in colour")
     unreadable = (f"{len(skipped)} unreadable, left out ({data.few([f for f, _ in skipped])}; all with the reasons "
@@ -391,7 +425,7 @@ if args.dataset == "folder":
         print0(f"warning: {len(scan.large)} picture(s) above PIL's limit of {data.DEFAULT_MAX_PIXELS:,} pixels, read "
                f"as --max_pixels allows (each takes memory for its full size): {data.few(scan.large, 10)}")
 dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
-                                         args.mean, args.std)
+                                         args.mean, args.std, not args.no_flip)
 images_text = f"{len(dataset):,} image{'s' if len(dataset) != 1 else ''}"
 if max(args.cls_sizes) > len(dataset):
     raise SystemExit(f"--cls_sizes {' '.join(map(str, args.cls_sizes))}: a head of {max(args.cls_sizes)} classes "
@@ -484,7 +518,7 @@ if args.method == "sela":
 # resume: the same command again continues from the checkpoint, or refuses with the differences
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
-              "size", "local_size", "crop_scale", "seed", "precision",
+              "size", "local_size", "crop_scale", "no_flip", "seed", "precision",
               *(a.dest for a in flags._group_actions))  # --row_tau, --col_tau, ... and any flag added there
 # what checkpoints older than a flag trained with
 BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
