@@ -451,7 +451,8 @@ def result_run(dataset, flags, seed):
                     raise SystemExit(f"failed: {' '.join(cmd)}; its output is in {log.name}")
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     steps = [r for r in records if r.get("kind") == "step"]
-    return dict(json.load(open(os.path.join(out, "metrics.json"))), last=steps[-1], seconds=records[-1].get("time"),
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    return dict(json.load(open(os.path.join(out, "metrics.json"))), last=steps[-1], seconds=epochs[-1]["time"],
                 collapse="COLLAPSE?" in open(os.path.join(out, "train.out")).read(),
                 one_class_at=next((r["step"] for r in steps if r["classes"] == 1), None))
 
