@@ -481,7 +481,7 @@ def spread(values, digits=3):
     v = np.array(values, dtype=float)
     if np.all(np.round(v, digits) == np.round(v[0], digits)):
         return f"{v[0]:.{digits}f} each"
-    return f"{v.mean():.{digits}f} +- {v.std():.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
+    return f"{v.mean():.{digits}f} +- {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
 
 
 def seeds_of(seeds):
