@@ -42,11 +42,11 @@ def run(cmd, timeout=600, env=None):
     return out
 
 
-def side_by_side(*cmds, timeout=600, env=None, ok=True):
-    """Start the commands at once from the repository folder and wait for all. Each must succeed (ok) or
+def side_by_side(*cmds, timeout=600, env=None, ok=True, cwd=HERE):
+    """Start the commands at once from the repository folder (or cwd) and wait for all. Each must succeed (ok) or
     fail (ok=False; or one bool per command); their standard outputs if ok, else standard output and error."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for c in cmds]
     outs = []
     try:
@@ -1758,7 +1758,7 @@ def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
                  [PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir",
                   str(tmp_path / "d")])
     assert "--batch_size 127 (global) does not divide by 2 processes" in errs[0]
-    assert "has 5000 images, fewer than one global batch of 8192" in errs[1]
+    assert "has 5,000 images, fewer than one global batch of 8192" in errs[1]
     assert f"{tmp_path / 'nowhere' / 'train'}" in errs[2] and "ImageFolder layout" in errs[2]
     assert "train-images-idx3-ubyte" in errs[3] and str(tmp_path) in errs[3]
     assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
@@ -1815,22 +1815,40 @@ def test_nan_loss_stops_without_saving(tiny_runs, tmp_path):
     assert open(f"{out}/ckpt.pt", "rb").read() == before
 
 
+def readme_section(text, title):
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 @slow
-def test_collapse_without_the_prior_is_reported(tmp_path):
-    # README, "Learn by breaking it": plain cross-entropy between the views (--no_prior) puts every image in
-    # one class within a few steps; the log says so and head 0 scores chance. The same run with the prior does not.
-    flags = [*SMALL_RUN, "--epochs", "1", "--log_every", "2"]
-    out = str(tmp_path / "run")
-    log, healthy = side_by_side([PY, "train.py", *flags, "--no_prior", "--out_dir", out],
-                                [PY, "train.py", *flags, "--out_dir", str(tmp_path / "prior")],
-                                env={"OMP_NUM_THREADS": "1"})
-    assert "classes 1/10" in log
-    assert "COLLAPSE? head 0 predicts only 1 of 10 classes" in log and "below 50% for 5 log steps in a row" in log
+def test_readme_breaking_commands_run_after_the_quick_start_and_collapse_in_every_seed(tmp_path):
+    # README, "Learn by breaking it", as a user runs it: the quick start, then each command of the section in
+    # order, from one folder; none refused (each its own --out_dir). Shortened by flags appended (width 8, one
+    # epoch); the two collapse rows again at seed 1: plain cross-entropy between the views (--no_prior) and a
+    # flat target (--col_tau 1.0) put every image in one class in every seed, and the log says so.
+    import re
+    text = open(os.path.join(HERE, "README.md")).read()
+    quick = next(argv for _, argv in readme_commands(text) if argv[:2] == ["python", "train.py"])
+    steps = [argv for _, argv in readme_commands(readme_section(text, "Learn by breaking it"))]
+    trains = [argv for argv in steps if argv[:2] == ["python", "train.py"]]
+    assert len(trains) == 3 and all(argv[:2] == ["python", "evaluate.py"] for argv in steps if argv not in trains)
+    outs = [argv[argv.index("--out_dir") + 1] for argv in trains]
+    assert len(set(outs)) == 3 and "out/synthetic-self_classifier" not in outs
+    short = ["--width", "8", "--epochs", "1", "--log_every", "2", "--workers", "0"]
+    cmd = lambda argv, *more: [PY, os.path.join(HERE, argv[1]), *argv[2:], *short, *more]
+    seed1 = [cmd(argv, "--seed", "1", "--out_dir", f"seed1-{i}") for i, argv in enumerate(trains[:2])]
+    env = {"OMP_NUM_THREADS": "1"}
+    logs = side_by_side(cmd(quick), seed1[0], cwd=tmp_path, env=env)
+    logs += side_by_side(cmd(trains[0]), seed1[1], cwd=tmp_path, env=env)
+    logs += side_by_side(cmd(trains[1]), cmd(trains[2]), cwd=tmp_path, env=env)
+    healthy, collapsed = logs[0], [logs[1], logs[2], logs[3], logs[4]]
+    for log in collapsed:  # the README's `classes 1-2/10`: a flat target may keep a second class alive
+        assert "classes 1/10" in log and re.search(r"COLLAPSE\? head 0 predicts only [12] of 10 classes", log), log[-2000:]
+    assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
+    out = str(tmp_path / outs[0])
     run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--no_knn", "--no_linear", "--no_kmeans", "--no_figures"])
     m = json.load(open(f"{out}/metrics.json"))
     assert len(np.unique(np.load(f"{out}/predictions.npz")["pred"])) == 1
     assert m["acc"] == pytest.approx(0.1) and m["nmi"] == pytest.approx(0.0, abs=1e-9)  # 10 equal classes
-    assert "COLLAPSE?" not in healthy and "classes 10/10" in healthy
 
 
 # -----------------------------------------------------------------------------
@@ -2401,6 +2419,8 @@ def test_folder_large_and_truncated_pictures(tmp_path, monkeypatch):
 
 def test_folder_data_dir_is_kept_absolute(monkeypatch, capsys, tmp_path):
     rel = os.path.relpath(tmp_path, HERE)
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")  # the recipe looks at the pictures
     monkeypatch.chdir(HERE)
     got = dry_run(monkeypatch, capsys, "--dataset", "folder", "--data_dir", rel)
     assert got["data_dir"] == str(tmp_path) and got["max_pixels"] == data.DEFAULT_MAX_PIXELS
