@@ -255,6 +255,8 @@ if args.dataset == "imagenet":
         RECIPES["imagenet"].update(IMAGENET_RUNS[args.recipe])
 if args.data_dir is None:
     args.data_dir = data.FASHION_MNIST_DIR if args.dataset == "fashion_mnist" else f"data/{args.dataset}"
+if args.dataset == "folder":  # absolute in args.json and the checkpoint: evaluate.py may run from another folder
+    args.data_dir = os.path.abspath(args.data_dir)
 if args.max_pixels < 0:
     raise SystemExit(f"--max_pixels {args.max_pixels}: give a number of pixels, or 0 for no limit")
 args.folder_recipe = None
@@ -285,8 +287,6 @@ for k, v in dict(width=32, twist_tau=1.0, eval_every=1, sela_lamb=25.0, sela_sch
                  crop_scale=list(data.default_crop_scale(args.dataset, args.n_local))).items():
     if getattr(args, k) is None:
         setattr(args, k, v)
-if args.dataset == "folder":  # absolute in args.json and the checkpoint: evaluate.py may run from another folder
-    args.data_dir = os.path.abspath(args.data_dir)
 if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
     raise SystemExit(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < LO <= HI <= 1")
 if args.no_prior and args.method != "self_classifier":
