@@ -80,6 +80,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import folder
 import metrics
 from lars import LARS
 from loss import all_gather_cat
@@ -163,7 +164,7 @@ def load_split(split, transform):
         ds.draft_side = size  # the evaluation crop's side: the decode need not be larger
         # skipped.txt's paths are below the folder training read (DIR or DIR/train), or below DIR
         full = lambda f: os.path.normpath(os.path.join(ds.root, f))
-        roots = (data.folder_splits(data_dir)[0], data_dir)
+        roots = (folder.folder_splits(data_dir)[0], data_dir)
         known = {os.path.normpath(os.path.join(r, f)) for f in skipped for r in roots}
         left_out = [f for f in ds.files if full(f) in known]
         ds.drop(left_out + [f for f in ds.files if full(f) in unreadable])
@@ -448,7 +449,7 @@ if dataset_name == "folder":
         if not heads:
             raise SystemExit(f"{args.ckpt} has no heads and {data_dir} no classes: nothing to score")
         args.no_knn = args.no_linear = args.no_kmeans = True
-    elif len(set(data.folder_splits(data_dir))) == 1 and not (args.no_knn and args.no_linear):
+    elif len(set(folder.folder_splits(data_dir))) == 1 and not (args.no_knn and args.no_linear):
         # kNN and the probe would be fitted on the images they are scored on
         print0("no DIR/train and DIR/val: kNN and the linear probe skipped (they need a held-out split)")
         args.no_knn = args.no_linear = True

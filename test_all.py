@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import folder
 import loss
 import metrics
 from lars import LARS
@@ -1080,6 +1081,21 @@ def worker_sinkhorn(out):
     torch.save(table, f"{out}.{rank}")
 
 
+def worker_scan(root, out):
+    """folder.shared_scan on two processes, once decoding (each its share, with a loader worker) and once from the
+    cache rank 0 then wrote."""
+    import torch.distributed as dist
+    rank, ds = dist.get_rank(), data.ImageFiles(root, None)
+    cache = os.path.join(os.path.dirname(out), "scan.json")
+    scanned, made = folder.shared_scan(ds, cache, workers=1, rank=rank, world_size=2)
+    if rank == 0:
+        folder.write_scan_cache(cache, *made)
+    dist.barrier()
+    from_cache, none = folder.shared_scan(ds, cache, workers=1, rank=rank, world_size=2)
+    torch.save(dict(scanned=scanned._asdict(), made=made is not None, from_cache=from_cache._asdict(),
+                    none=none is None), f"{out}.{rank}")
+
+
 def workers(out_dir):
     """Every two-process check in one torchrun launch: each launch costs seconds of imports."""
     import torch.distributed as dist
@@ -1087,14 +1103,31 @@ def workers(out_dir):
     for method in ("self_classifier", "twist"):
         worker_ddp_grads(os.path.join(out_dir, f"ddp_{method}.pt"), method)
     worker_sinkhorn(os.path.join(out_dir, "table"))
+    worker_scan(os.path.join(out_dir, "pictures"), os.path.join(out_dir, "scan"))
     dist.destroy_process_group()
+
+
+# 150 pictures in three class folders, one of them not a picture: three chunks of the scan's 64 files
+SCAN_FILES = [f"c{k % 3}/{k:03d}.png" for k in range(150)]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("two_processes"))
+    write_pictures(os.path.join(out_dir, "pictures"), SCAN_FILES)
+    with open(os.path.join(out_dir, "pictures", SCAN_FILES[100]), "wb") as f:
+        f.write(b"not a picture")
     run(torchrun(__file__, out_dir))
     return out_dir
+
+
+def test_folder_scan_shared_by_two_processes_equals_one_process_scan(two_processes):
+    one = folder.scan(data.ImageFiles(os.path.join(two_processes, "pictures"), None))
+    assert one.files == 150 and [f for f, _ in one.unreadable] == [SCAN_FILES[100]]
+    for rank in (0, 1):
+        got = torch.load(os.path.join(two_processes, f"scan.{rank}"), weights_only=False)
+        assert folder.Scan(**got["scanned"]) == one and got["made"]  # every process has the whole scan
+        assert folder.Scan(**got["from_cache"]) == one and got["none"]  # rank 0 read the cache, for both
 
 
 def test_sinkhorn_two_processes_give_the_one_process_table(two_processes):
@@ -1677,7 +1710,7 @@ def test_folder_scan_prints_its_progress(tmp_path, monkeypatch, capsys):
     for i in range(3):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     monkeypatch.setenv("PROGRESS_SECONDS", "0")
-    bad = data.ImageFiles(str(tmp_path), None).scan(chunk=1).unreadable  # a chunk of one file: a line for each
+    bad = folder.scan(data.ImageFiles(str(tmp_path), None), chunk=1).unreadable  # a chunk of one file: a line for each
     lines = capsys.readouterr().out.splitlines()
     assert bad == [] and [line.split(" | ")[0] for line in lines[:2]] == [f"scan of {tmp_path} {i}/3 files"
                                                                           for i in (1, 2)]
@@ -2158,15 +2191,15 @@ def test_folder_decodes_pictures_as_a_viewer_shows_them(tmp_path):
     assert np.asarray(grey.load(grey.files.index("deep16.png"))).tolist() == np.round(deep / 257).tolist()
     # a picture smaller than the crops still gives crops of the recipe's size
     Image.fromarray(quad[:5, :3]).save(tmp_path / "tiny.png")
-    img = data.open_image(str(tmp_path / "tiny.png"))
+    img = folder.open_image(str(tmp_path / "tiny.png"))
     crops = data.train_transform("folder", 2)(img)
     assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 2
     assert data.eval_transform("folder")(img).shape == (3, 64, 64)
     # a large JPEG decodes at a reduced scale for training, to the pixels of a box resize of the full decode
     Image.fromarray(quad).resize((576, 384), Image.NEAREST).save(tmp_path / "big.jpg", quality=95)
-    small = data.open_image(str(tmp_path / "big.jpg"), draft=(64, 64))
+    small = folder.open_image(str(tmp_path / "big.jpg"), draft=(64, 64))
     assert small.size == (144, 96)  # 1/4 scale: the smallest with both sides at least 64 px
-    full = data.open_image(str(tmp_path / "big.jpg")).resize(small.size, Image.BOX)
+    full = folder.open_image(str(tmp_path / "big.jpg")).resize(small.size, Image.BOX)
     assert np.abs(np.asarray(small, dtype=np.float64) - np.asarray(full, dtype=np.float64)).mean() < 1
 
 
@@ -2298,13 +2331,13 @@ def test_folder_bad_inputs_are_refused_and_skipped_on_request(tmp_path):
 # a folder as it comes: links and loops, stray pictures, huge and truncated pictures, a folder that changed
 
 
-def write_pictures(folder, names, side=(20, 24), seed=0):
-    """Small random RGB PNG files at these paths below folder."""
+def write_pictures(root, names, side=(20, 24), seed=0):
+    """Small random RGB PNG files at these paths below root."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     for name in names:
-        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (*side[::-1], 3), dtype=np.uint8)).save(os.path.join(folder, name))
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*side[::-1], 3), dtype=np.uint8)).save(os.path.join(root, name))
 
 
 def truncated_jpeg(path, cut=2):
@@ -2328,12 +2361,12 @@ def test_folder_links_list_each_real_file_once(tmp_path, capsys):
     write_pictures(str(outside), ["x.png"])
     os.symlink(outside, root / "d")  # a folder that only a link reaches is read, once
     os.symlink(outside, root / "e")
-    files = data.find_images(str(root))
+    files = folder.find_images(str(root))
     assert files == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "d/x.png"]
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"warning: {root}: 5 link(s) left out, each to a folder or picture already listed (each real file "
                      f"is read once): a/0b.png, a/up/, b/2_again.png, ..."]
-    data.find_images(str(root))  # one warning per folder and process
+    folder.find_images(str(root))  # one warning per folder and process
     assert capsys.readouterr().out == ""
 
 
@@ -2364,56 +2397,56 @@ def test_folder_scan_measures_sizes_and_colour_alike_for_any_split(tmp_path):
     rgb[..., 0] = 200  # red: colour
     Image.fromarray(rgb).save(tmp_path / "red.png")
     near = np.full((8, 8, 3), 100, np.uint8)
-    near[..., 2] += data.COLOUR_SPREAD  # at the threshold: not colour
+    near[..., 2] += folder.COLOUR_SPREAD  # at the threshold: not colour
     Image.fromarray(near).save(tmp_path / "near.png")
     ds = data.ImageFiles(str(tmp_path), None)
-    one = ds.scan(chunk=64)
+    one = folder.scan(ds, chunk=64)
     assert one.unreadable == [] and one.files == 6 and one.truncated == [] and one.large == []
     assert one.median_size == (25, 21)  # widths 8 16 25 25 40 60, heights 8 10 12 30 31 50
     assert one.colour and one.colour_pictures == 1
     # the pixel mean over thumbnails, by an independent count
-    pixels = [np.asarray(data.open_image(ds.path(i)), dtype=np.float64).reshape(-1, 3) / 255 for i in range(6)]
+    pixels = [np.asarray(folder.open_image(ds.path(i)), dtype=np.float64).reshape(-1, 3) / 255 for i in range(6)]
     assert one.mean == pytest.approx(np.concatenate(pixels).mean(0), abs=1e-4)
     # chunks in any number of processes and workers: the same numbers to the last digit
-    parts = [p for r in range(3) for p in ds.scan_part(chunk=1, rank=r, world_size=3, workers=r)]
-    assert data.merge_scan(parts) == ds.scan(chunk=1) and ds.scan(chunk=1).mean == one.mean
+    parts = [p for r in range(3) for p in folder.scan_part(ds, chunk=1, rank=r, world_size=3, workers=r)]
+    assert folder.merge_scan(parts) == folder.scan(ds, chunk=1) and folder.scan(ds, chunk=1).mean == one.mean
     grey_ds = data.ImageFiles(str(tmp_path), None, channels=1)
-    assert grey_ds.scan().colour_pictures == 1 and len(grey_ds.scan().mean) == 1  # colour is measured on RGB
+    assert folder.scan(grey_ds).colour_pictures == 1 and len(folder.scan(grey_ds).mean) == 1  # colour is measured on RGB
     record = tmp_path / "out" / "scan.json"  # kept and read back as it was
     files = [[f, s, t] for f, (s, t) in zip(ds.files, ds.stats)]
-    data.write_scan_cache(str(record), ds.scan_key(), files, one)
-    back = data.read_scan_cache(str(record))
-    assert back["scan"] == one and back["key"] == ds.scan_key() and back["files"] == files
+    folder.write_scan_cache(str(record), folder.scan_key(ds), files, one)
+    back = folder.read_scan_cache(str(record))
+    assert back["scan"] == one and back["key"] == folder.scan_key(ds) and back["files"] == files
     os.utime(tmp_path / "red.png", ns=(0, 0))  # a file's time is part of the key
-    assert data.ImageFiles(str(tmp_path), None).scan_key() != back["key"]
+    assert folder.scan_key(data.ImageFiles(str(tmp_path), None)) != back["key"]
 
 
 def test_folder_large_and_truncated_pictures(tmp_path, monkeypatch):
     import warnings
     from PIL import Image, ImageFile
-    assert data.DEFAULT_MAX_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL's own limit, the flag's default
+    assert folder.DEFAULT_MAX_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL's own limit, the flag's default
     whole = truncated_jpeg(tmp_path / "cut.jpg")
     with pytest.raises(OSError, match="truncated"):  # PIL alone refuses it
         with open(tmp_path / "cut.jpg", "rb") as f:
             Image.open(f).load()
-    img, size, truncated = data.read_picture(str(tmp_path / "cut.jpg"))
+    img, size, truncated = folder.read_picture(str(tmp_path / "cut.jpg"))
     import io
     full = np.asarray(Image.open(io.BytesIO(whole)).convert("RGB"), dtype=np.int64)
     assert truncated and size == (512, 600) and np.abs(np.asarray(img, dtype=np.int64) - full).max() <= 1
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # only for the files that need it
     truncated_jpeg(tmp_path / "half.jpg", cut=30000)  # half the data: what there is, the rest PIL's grey
-    assert data.read_picture(str(tmp_path / "half.jpg"))[2]
+    assert folder.read_picture(str(tmp_path / "half.jpg"))[2]
     write_pictures(str(tmp_path), ["ok.png"], side=(700, 500))
     ds = data.ImageFiles(str(tmp_path), None, max_pixels=512 * 600)  # the photo's pixels: at the limit, accepted
-    scan = ds.scan()
+    scan = folder.scan(ds)
     assert scan.unreadable == [("ok.png", "700 x 500 = 350,000 pixels, above the limit of 307,200 (--max_pixels; "
                                           "0 = no limit)")]
     assert scan.truncated == ["cut.jpg", "half.jpg"]
-    monkeypatch.setattr(data, "DEFAULT_MAX_PIXELS", 500)  # a picture above PIL's limit, read as the flag allows
+    monkeypatch.setattr(folder, "DEFAULT_MAX_PIXELS", 500)  # a picture above PIL's limit, read as the flag allows
     ds.max_pixels = 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PIL's DecompressionBombWarning, which names no file, is not raised
-        scan = ds.scan()
+        scan = folder.scan(ds)
     assert scan.unreadable == [] and scan.large == ["cut.jpg", "half.jpg", "ok.png"]
 
 
@@ -2423,7 +2456,7 @@ def test_folder_data_dir_is_kept_absolute(monkeypatch, capsys, tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")  # the recipe looks at the pictures
     monkeypatch.chdir(HERE)
     got = dry_run(monkeypatch, capsys, "--dataset", "folder", "--data_dir", rel)
-    assert got["data_dir"] == str(tmp_path) and got["max_pixels"] == data.DEFAULT_MAX_PIXELS
+    assert got["data_dir"] == str(tmp_path) and got["max_pixels"] == folder.DEFAULT_MAX_PIXELS
     assert "--max_pixels -1: give a number of pixels, or 0 for no limit" in dry_run(
         monkeypatch, capsys, "--dataset", "folder", "--max_pixels", "-1")
 
@@ -2812,10 +2845,10 @@ def test_picture_stats_median_side_and_colour(tmp_path):
     write_pngs(str(tmp_path / "grey"), np.repeat(grey[..., None], 3, axis=3), [0, 0, 1, 1, 1])
     Image.fromarray(grey[0]).convert("RGB").resize((40, 30)).save(tmp_path / "grey" / "c0" / "big.jpg", quality=80)
     ds = data.ImageFiles(str(tmp_path / "grey"), None)
-    assert data.picture_stats(ds) == (12, False)  # shorter sides 12, 12, 12, 12, 12 and 30
+    assert folder.picture_stats(ds) == (12, False)  # shorter sides 12, 12, 12, 12, 12 and 30
     colour = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
     write_pngs(str(tmp_path / "colour"), colour, [0, 1, 1])
-    assert data.picture_stats(data.ImageFiles(str(tmp_path / "colour"), None)) == (40, True)
+    assert folder.picture_stats(data.ImageFiles(str(tmp_path / "colour"), None)) == (40, True)
 
 
 def test_folder_recipe_follows_the_pictures_and_flags_win(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import folder
 import loss as losses
 import metrics
 from lars import LARS
@@ -43,7 +44,7 @@ parser.add_argument("--channels", type=int, default=None, choices=[1, 3], help="
                     "pictures have no colour, else 3")
 parser.add_argument("--skip_unreadable", action="store_true", help="folder: train without the files that cannot "
                     "be decoded, listed with the reasons in OUT/skipped.txt (default: name them and stop before training)")
-parser.add_argument("--max_pixels", type=int, default=data.DEFAULT_MAX_PIXELS, help="folder: a picture of more pixels "
+parser.add_argument("--max_pixels", type=int, default=folder.DEFAULT_MAX_PIXELS, help="folder: a picture of more pixels "
                     "is unreadable (decoding 15,000 x 15,000 px takes 675 MB); default PIL's limit, 0 = no limit")
 parser.add_argument("--download", action="store_true", help="download the dataset with torchvision (needs a network)")
 parser.add_argument("--holdout", type=int, default=0, help="train without the last N training images (a fixed "
@@ -179,7 +180,7 @@ RECIPES = {
     "folder": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=512, mlp_out=128, cls_sizes=[10, 30, 100],
                    queue_len=0, n_local=0, epochs=30, batch_size=128, lr=0.5, start_lr=0.0, warmup_epochs=2,
                    weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5, eval_every=10),
-    # small pictures (median side of 32 px or less): see folder_recipe below
+    # small pictures (median side of 32 px or less): see folder.py: folder_recipe
     "synthetic": dict(arch="cnn", width=16, mlp_layers=2, mlp_hidden=256, mlp_out=64, cls_sizes=[10, 20],
                       queue_len=0, n_local=0, epochs=6, batch_size=256, lr=0.5, start_lr=0.0, warmup_epochs=1,
                       weight_decay=1e-6, optimizer="sgd", workers=2, log_every=10, twist_tau=0.5),
@@ -207,18 +208,6 @@ METHOD_RECIPES = {
     ("cifar10", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
     ("cifar100", "sela"): dict(sela_relabels=400, sela_schedule="linear"),
 }
-
-
-def folder_recipe(side, colour):
-    """The folder recipe's changes for pictures of this median shorter side (px) and colour, and a line saying
-    why (docs/experiments.md, "the folder recipe for small pictures"): small pictures are cropped at their own
-    size, as the in-memory small-picture recipes are, with little cropping, which tiny objects do not survive."""
-    what = f"median side {side} px, {'colour' if colour else 'grey'}"
-    if side is None or side > 32:
-        return {}, f"{what}: the recipe for photos (64-px crops of area 0.25-1)"
-    size = max(16, side)
-    small = dict(size=size, local_size=size // 2, crop_scale=[0.8, 1.0])
-    return small, f"{what}: the recipe for small pictures ({size}-px crops of area 0.8-1)"
 
 
 # --init: the network's shape comes from the file, or on a resume from the checkpoint, which wins over --init
@@ -265,11 +254,11 @@ if args.dataset == "folder":
         files = data.build_dataset("folder", args.data_dir, "train", None)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    side, colour = data.picture_stats(files)
+    side, colour = folder.picture_stats(files)
     if args.init:  # a network from a file keeps the stem and input channels it was trained with
         small, args.folder_recipe = {}, f"the recipe for photos, as --init {args.init} was trained on them"
     else:
-        small, args.folder_recipe = folder_recipe(side, colour)
+        small, args.folder_recipe = folder.folder_recipe(side, colour)
         # grey pictures in three channels would only triple the first conv's input: read them as one channel
         args.channels = args.channels or (3 if colour else 1)
         args.folder_recipe += f", {args.channels} channel{'s' * (args.channels > 1)}"
@@ -370,24 +359,13 @@ caches = {}  # name: (key, files, scan) of the folder scans to keep in OUT once 
 
 
 def scan_folder(ds, name):
-    """ds.scan(), from OUT/name when it was made of the same files (paths, bytes, mtimes), else shared: each process
-    decodes 1/world_size of the files with --workers loader processes, and every process gets the whole scan."""
+    """folder.shared_scan with OUT/name as its cache; a new scan is kept in `caches` to be written after the resume
+    check. Returns (the Scan, whether it came from the cache)."""
     ds.max_pixels = args.max_pixels
-    path, key = os.path.join(args.out_dir, name), ds.scan_key()
-    record = data.read_scan_cache(path) if master else None
-    found = [record["scan"] if record and record["key"] == key else None]
-    if ddp:
-        dist.broadcast_object_list(found, 0)  # rank 0 decides for all: every process scans, or none does
-    if found[0] is not None:
-        return found[0], True
-    parts = ds.scan_part(workers=args.workers, rank=rank, world_size=world_size)
-    if ddp:
-        shares = [None] * world_size
-        dist.all_gather_object(shares, parts)
-        parts = [p for share in shares for p in share]
-    scan = data.merge_scan(parts)
-    caches[name] = (key, [[f, size, mtime] for f, (size, mtime) in zip(ds.files, ds.stats)], scan)
-    return scan, False
+    scan, made = folder.shared_scan(ds, os.path.join(args.out_dir, name), args.workers, rank, world_size)
+    if made:
+        caches[name] = made
+    return scan, made is None
 
 
 def refuse_unreadable(bad, total, where):
@@ -411,19 +389,19 @@ if args.dataset == "folder":
     print0(f"folder recipe: {args.folder_recipe} (flags given win)")
     w, h = scan.median_size
     colour = (f"{scan.colour_pictures:,} of {len(dataset):,} in colour" if scan.colour else "none in colour")
-    unreadable = (f"{len(skipped)} unreadable, left out ({data.few([f for f, _ in skipped])}; all with the reasons "
+    unreadable = (f"{len(skipped)} unreadable, left out ({folder.few([f for f, _ in skipped])}; all with the reasons "
                   f"in {os.path.join(args.out_dir, 'skipped.txt')})" if skipped else "0 unreadable")
     took = (f"scan of {scan.files:,} files read from {os.path.join(args.out_dir, 'scan.json')} (the same paths, sizes "
             f"and times) in {time.time() - t0:.1f} s" if cached else f"scanned {scan.files:,} files in {time.time() - t0:.1f} s")
     print0(f"{took}: {unreadable}, "
            f"mean {args.mean}, std {args.std}, median {w} x {h} px, {colour}, "
-           f"classes: {f'{len(dataset.classes)} ({data.few(dataset.classes, 10)})' if dataset.classes else 'none (unlabelled)'}")
+           f"classes: {f'{len(dataset.classes)} ({folder.few(dataset.classes, 10)})' if dataset.classes else 'none (unlabelled)'}")
     if scan.truncated:
         print0(f"warning: {len(scan.truncated)} truncated file(s), read as far as they go (as viewers show them): "
-               f"{data.few(scan.truncated, 10)}")
+               f"{folder.few(scan.truncated, 10)}")
     if scan.large:
-        print0(f"warning: {len(scan.large)} picture(s) above PIL's limit of {data.DEFAULT_MAX_PIXELS:,} pixels, read "
-               f"as --max_pixels allows (each takes memory for its full size): {data.few(scan.large, 10)}")
+        print0(f"warning: {len(scan.large)} picture(s) above PIL's limit of {folder.DEFAULT_MAX_PIXELS:,} pixels, read "
+               f"as --max_pixels allows (each takes memory for its full size): {folder.few(scan.large, 10)}")
 dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
                                          args.mean, args.std, not args.no_flip)
 images_text = f"{len(dataset):,} image{'s' if len(dataset) != 1 else ''}"
@@ -531,18 +509,14 @@ if resume is not None:
     diff = [f"{k}: checkpoint {old[k]!r}, now {getattr(args, k)!r}" for k in keys if old[k] != getattr(args, k)]
     if args.dataset == "folder" and "scan.json" in caches:
         # OUT/scan.json still holds the files the checkpoint's run scanned (a new scan is kept only after this check)
-        record = data.read_scan_cache(os.path.join(args.out_dir, "scan.json"))
-        was = [r for r in record["files"] if r[0] not in dict(record["scan"].unreadable)] if record else []
-        if record and data.files_fingerprint([f for f, _, _ in was]) == old["folder_files"]:
-            now = [r for r in caches["scan.json"][1] if r[0] not in dict(skipped)]
-            added, removed, changed = data.folder_changes(was, now)
-            if old["folder_files"] != args.folder_files:
-                diff = [f"folder_files: the folder changed since the checkpoint: "
-                        f"{data.describe_changes(added, removed, changed)}" if d.startswith("folder_files:") else d
-                        for d in diff]
-            elif changed:  # the same files in the same order: the run goes on, but should know
-                print0(f"warning: {len(changed)} file(s) below {args.data_dir} changed in size or modification time "
-                       f"since the checkpoint's scan ({data.few(changed)}); resuming on them")
+        now = [r for r in caches["scan.json"][1] if r[0] not in dict(skipped)]
+        changes = folder.changes_since(os.path.join(args.out_dir, "scan.json"), old["folder_files"], now)
+        if changes and old["folder_files"] != args.folder_files:
+            diff = [f"folder_files: the folder changed since the checkpoint: {folder.describe_changes(*changes)}"
+                    if d.startswith("folder_files:") else d for d in diff]
+        elif changes and changes[2]:  # the same files in the same order: the run goes on, but should know
+            print0(f"warning: {len(changes[2])} file(s) below {args.data_dir} changed in size or modification time "
+                   f"since the checkpoint's scan ({folder.few(changes[2])}); resuming on them")
     if diff:
         raise SystemExit(f"{ckpt_path} was trained with other settings; use another --out_dir or the same flags:\n  "
                          + "\n  ".join(diff))
@@ -556,7 +530,7 @@ if resume is not None:
     print0(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}, step {start_step}")
     del ckpt
 for name, (key, files, scan) in caches.items() if master else ():  # kept only now: a refused resume keeps the old list
-    data.write_scan_cache(os.path.join(args.out_dir, name), key, files, scan)
+    folder.write_scan_cache(os.path.join(args.out_dir, name), key, files, scan)
 raw_model = model
 if args.compile:
     model = torch.compile(model)
