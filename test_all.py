@@ -1717,12 +1717,17 @@ def test_folder_scan_prints_its_progress(tmp_path, monkeypatch, capsys):
     assert len(lines) == 3 and lines[2].startswith(f"scan of {tmp_path}: 3 files in ")
 
 
-def test_curves_only_does_not_import_torch(tmp_path):
+def write_tiny_log(path):
+    """A log.jsonl of ten steps, one epoch and one evaluation, as train.py writes them."""
     records = [dict(kind="step", step=s, epoch=0, loss=3 - s / 10, lr=0.1, img_s=900, classes=8, balance=0.9)
                for s in range(1, 11)]
     records += [dict(kind="epoch", epoch=1, step=10, loss=2.5), dict(kind="eval", epoch=1, step=10, nmi=0.5, acc=0.4,
                                                                     classes=9, balance=0.95)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_curves_only_does_not_import_torch(tmp_path):
+    write_tiny_log(tmp_path / "log.jsonl")
     # evaluate.py as its command line runs it, then what this process imported
     code = ("import runpy, sys\nsys.argv = ['evaluate.py', '--ckpt', sys.argv[1], '--curves_only']\ntry:\n"
             "    runpy.run_path('evaluate.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
@@ -2807,11 +2812,7 @@ def test_class_sheets_show_the_most_confident_beside_a_random_sample_with_purity
 
 def test_curves_label_every_panel_and_mark_the_ceilings(tmp_path):
     import figures
-    records = [dict(kind="step", step=s, epoch=0, loss=3 - s / 10, lr=0.1, img_s=900, classes=8, balance=0.9)
-               for s in range(1, 11)]
-    records += [dict(kind="epoch", epoch=1, step=10, loss=2.5), dict(kind="eval", epoch=1, step=10, nmi=0.5, acc=0.4,
-                                                                    classes=9, balance=0.95)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_tiny_log(tmp_path / "log.jsonl")
     fig = figures.plot_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"), num_classes=12)
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.axison}
     assert len(panels) == 6 and all(ax.get_ylabel() for ax in panels.values())
