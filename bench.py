@@ -3,7 +3,7 @@ And the README's result tables measured again on this machine, seed by seed, as 
 
     python bench.py                 # all parts, a few minutes on 2 CPU cores
     python bench.py --only step loss
-    python bench.py --results synthetic breaking   # the README's tables: about 25 min on 2 idle cores
+    python bench.py --results synthetic breaking   # the README's tables: 39 min on 2 shared cores
 """
 import argparse
 import json
@@ -24,9 +24,9 @@ parser.add_argument("--only", nargs="+",
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
 parser.add_argument("--results", nargs="+", choices=["synthetic", "breaking", "folder", "fashion_mnist"],
                     help="instead of the benchmarks, train and score the README's result tables again (train.py, then "
-                         "evaluate.py, per seed) and print them as the README does: synthetic (18 runs) and breaking "
-                         "(15 more) about 25 min on 2 idle cores; folder (3,000 Fashion-MNIST PNGs, 3 runs) about 20 min; "
-                         "fashion_mnist (6 runs) about 90 min")
+                         "evaluate.py, per seed) and print them as the README does; measured on 2 shared cores, 2 runs side by "
+                         "side: synthetic (18 runs) and breaking (15 more) 39 min, folder (3,000 Fashion-MNIST PNGs, 3 "
+                         "runs) 10 min, fashion_mnist (6 runs) about 33 min a pair of seeds")
 parser.add_argument("--seeds", type=int, default=None, help="--results: only the first N seeds of each row")
 parser.add_argument("--jobs", type=int, default=2, help="--results: runs side by side")
 parser.add_argument("--threads", type=int, default=1, help="--results: compute threads per run (OMP_NUM_THREADS); "

@@ -282,8 +282,7 @@ def leave_out_unreadable(ds, split, bad):
                          + "".join(f"\n  {f}: {reason(i)}" for f, i in zip(names[:10], bad))
                          + ("\n  ..." if len(bad) > 10 else "")
                          + "\nremove or fix them, or pass --skip_unreadable to score without them")
-    print0(f"skipped {len(bad)} unreadable files of the {split} split: {', '.join(names[:10])}"
-           + (", ..." if len(bad) > 10 else ""))
+    print0(f"skipped {len(bad)} unreadable files of the {split} split: {folder.few(names, 10)}")
     unreadable.update(os.path.normpath(ds.path(i)) for i in bad)
     ds.drop(names)
     keep = torch.ones(len(ds) + len(bad), dtype=torch.bool)

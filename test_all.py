@@ -2143,9 +2143,9 @@ def write_fashion_pngs(root, n, by_class=True):
     images, labels = data.load_mnist(data.FASHION_MNIST_DIR, train=False)
     names = [c.replace("/", "-") for c in data.DATASETS["fashion_mnist"]["names"]]
     for i in range(n):
-        folder = os.path.join(root, f"{labels[i]}_{names[labels[i]]}") if by_class else root
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(images[i]).save(os.path.join(folder, f"{i:05d}.png"))
+        sub = os.path.join(root, f"{labels[i]}_{names[labels[i]]}") if by_class else root
+        os.makedirs(sub, exist_ok=True)
+        Image.fromarray(images[i]).save(os.path.join(sub, f"{i:05d}.png"))
     return root, labels[:n]
 
 

@@ -368,11 +368,11 @@ def scan_folder(ds, name):
     return scan, made is None
 
 
-def refuse_unreadable(bad, total, where):
+def refuse_unreadable(bad, total, where, way_out="to train without them"):
     if bad and not args.skip_unreadable:
         raise SystemExit(f"{len(bad)} of {total} files {where} cannot be decoded:\n  "
                          + "\n  ".join(f"{f}: {e}" for f, e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-                         + "\nremove or fix them, or pass --skip_unreadable to train without them")
+                         + f"\nremove or fix them, or pass --skip_unreadable {way_out}")
 
 
 if args.dataset == "folder":
@@ -435,9 +435,8 @@ if args.eval_every:
         n_true = len(eval_set.classes) if args.dataset == "folder" else data.DATASETS[args.dataset]["classes"]
     if args.dataset == "folder":
         bad = scan_folder(eval_set, "scan_val.json")[0].unreadable if eval_set.root != dataset.root else skipped
-        if bad and not args.skip_unreadable:
-            raise SystemExit(f"{len(bad)} files of the evaluation split cannot be decoded, e.g. {bad[0][0]}: "
-                             f"{bad[0][1]}; remove or fix them, pass --skip_unreadable, or --eval_every 0")
+        refuse_unreadable(bad, len(eval_set), f"of the evaluation split below {eval_set.root}",
+                          "to train and score without them, or --eval_every 0 to train without scoring")
         eval_set.drop([f for f, _ in bad])
         if eval_set.root != dataset.root:
             skipped_lines += [(os.path.relpath(os.path.join(eval_set.root, f), args.data_dir), e) for f, e in bad]
