@@ -1,6 +1,13 @@
 """Backbone, projection MLP and weight-normalised classifier heads of Self-Classifier (section 3.3 of
 the paper), the logit BatchNorm of TWIST, and the nearest-neighbour queue of the v2 method.
 """
+import errno
+import glob
+import os
+import re
+import shutil
+import zipfile
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,13 +206,74 @@ def build_model(a):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain Python values only, never pickled code."""
+    """torch.load with weights_only=True: tensors and plain Python values only, never pickled code. A file that
+    does not load, or is not a train.py checkpoint, stops with one line that says so and how to go on."""
     import pickle
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise SystemExit(f"{path} is not a plain checkpoint of tensors and Python values; refusing to load it "
                          f"(it may carry code). Details: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # cut short by a copy or a quota, or not torch.save's at all
+        problem = (f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" if zipfile.is_zipfile(path) else
+                   "not a whole zip archive, torch.save's format: a copy cut short, or a full disk?")
+    else:
+        if isinstance(ckpt, dict) and {"args", "model", "step"} <= ckpt.keys():
+            return ckpt
+        problem = "it loads, but holds no train.py checkpoint (no args, model and step)"
+    kept = sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(path) or "."), "ckpt_ep*.pt")),
+                  key=lambda f: int(re.sub(r"\D", "", os.path.basename(f)) or 0))
+    way = f"; or copy {kept[-1]} (--keep_every's latest) over it to resume from there" if kept else ""
+    raise SystemExit(f"{path} cannot be read ({os.path.getsize(path):,} bytes; {problem}); nothing was changed. "
+                     f"Move it aside to start afresh{way}")
+
+
+def save_atomically(path, write):
+    """write(f) into path.tmp, flushed to the disk, then renamed over path: a crash never leaves a half-written
+    path. A write that fails (a full disk, a quota, a read-only folder) removes path.tmp and raises again."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            raise e.__context__ from None  # torch.save's zip writer hides the disk's error behind its own
+        raise
+
+
+class _Counter:
+    # a file that keeps only its length: the bytes a torch.save needs, without the disk
+    n = 0
+
+    def write(self, b):
+        self.n += len(b)
+        return len(b)
+
+    def flush(self):
+        pass
+
+
+def failed_save(e, path, state, intact):
+    """The one line for a save of state (None: a copy) to path that raised OSError e: what failed, the bytes it
+    needs and the free space, where known, and intact: what the folder still holds."""
+    what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else e.strerror or str(e)
+    if e.errno in errno.errorcode:
+        what += f" ({errno.errorcode[e.errno]})"
+    need = ""
+    if state is not None:
+        counter = _Counter()
+        torch.save(state, counter)
+        need = f"; it needs {counter.n:,} bytes"
+    try:
+        need += f", {shutil.disk_usage(os.path.dirname(path) or '.').free:,} free there"
+    except OSError:
+        pass
+    return f"saving {path} failed: {what}{need}; the partial file was removed, {intact}"
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Stop on SIGTERM or SIGUSR1 (SLURM, Kubernetes, spot instances) after a whole step, at the same step on every
-process, so that the checkpoint of that step can be written and the job requeued; and process groups that a
-restart by torchrun --max_restarts can create again (docs/experiments.md, "a restart after a crash")."""
+process, so that the checkpoint of that step can be written and the job requeued; process groups that a
+restart by torchrun --max_restarts can create again (docs/experiments.md, "a restart after a crash"); and the
+out dir's lock, so that one run at a time writes there."""
 import datetime
+import errno
+import fcntl
+import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -13,6 +18,8 @@ import torch.distributed as dist
 
 # EX_TEMPFAIL of sysexits.h, "try again later": a job script requeues on it, never on a crash (status 1)
 REQUEUE_STATUS = 75
+# EX_IOERR: a checkpoint could not be written (a full disk, a quota); the last one written is intact
+SAVE_FAILED_STATUS = 74
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -111,3 +118,54 @@ def exit_process(status=0):
     for p in workers:
         p.join(5)
     os._exit(status)
+
+
+class OutDirLock:
+    """OUT/run.lock, held by rank 0 for the run's life with a POSIX lock (fcntl.lockf). The kernel releases it
+    when the process ends, however it ends, and the data-loading workers it forks do not hold it. The file names
+    the holder (host, process id, since when); a holder killed before it could release the lock leaves its
+    name behind, which the next run reports as it takes over. Call acquire(), then read its outcome:
+    busy (the holder's description: another run has the folder), unsupported (the file system's error: it
+    keeps no locks, the run goes on without one), stale (the name left behind by a holder that is gone)."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "run.lock")
+        self.busy = self.unsupported = self.stale = None
+        self._file = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP: a file system without locks
+                self.unsupported = f"{e.strerror} (errno {errno.errorcode.get(e.errno, e.errno)})"
+            else:
+                f.seek(0)
+                self.busy = describe_holder(f.read()) or "a run that is starting (it has not named itself yet)"
+            f.close()
+            return self
+        f.seek(0)
+        self.stale = describe_holder(f.read())
+        f.truncate(0)
+        f.write(json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
+                                since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        # an empty file: the next run finds no name, so it has nothing to report as taken over
+        if self._file is not None:
+            self._file.truncate(0)
+            self._file.close()
+            self._file = None
+
+
+def describe_holder(text):
+    try:
+        h = json.loads(text)
+        return f"host {h['host']}, process {h['pid']}, since {h['since']}"
+    except (ValueError, KeyError, TypeError):  # empty: released, or its holder had not yet written its name
+        return None

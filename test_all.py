@@ -9,8 +9,10 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 # One compute thread in this process and every command it starts, unless the caller chose: the runs here are
 # small, two side by side then share 2 cores without waiting, and runs compared bit for bit use the same count.
@@ -1841,9 +1843,89 @@ def test_crash_during_save_keeps_the_last_checkpoint(tiny_runs, tmp_path):
     out, before = copy_of(tiny_runs, tmp_path)
     os.mkdir(f"{out}/ckpt.pt.tmp")  # the next save cannot write its temporary file: it crashes mid-save
     [err] = fails([PY, "train.py", *TINY_RUN, "--epochs", "2", "--ckpt_minutes", "0.003", "--out_dir", out])
-    assert "ckpt.pt.tmp" in err
+    assert "ckpt.pt.tmp" in err and f"{out}/ckpt.pt still holds step 2" in err and "Traceback" not in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["epoch"] == 1
+
+
+def fill_disk(where):
+    """How a test runs out of disk: a 600 KB tmpfs mounted at where, when this user may mount one; else a
+    file size limit (RLIMIT_FSIZE) of 300 KB on the command, which fails the checkpoint's write (EFBIG) alike.
+    Returns (the folder to write in, the command's preexec_fn, a cleanup)."""
+    import resource
+    os.makedirs(where)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", where], capture_output=True).returncode == 0:
+        return where, None, lambda: subprocess.run(["umount", where])
+    return where, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000)), lambda: None
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_runs, tmp_path):
+    import shutil
+    disk, limit, cleanup = fill_disk(str(tmp_path / "disk"))
+    try:
+        out = f"{disk}/run"
+        shutil.copytree(tiny_runs["self_classifier"][1], out, ignore=shutil.ignore_patterns("ckpt_ep*"))
+        before = open(f"{out}/ckpt.pt", "rb").read()  # 500 KB: the disk, or the limit, has no room for a second
+        p = subprocess.run([PY, "train.py", *TINY_RUN, "--epochs", "2", "--out_dir", out], cwd=HERE,
+                           capture_output=True, text=True, timeout=300, preexec_fn=limit)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 74, p.stderr  # not 1 (a crash) nor 75 (requeue me)
+        assert len(lines) == 1 and lines[0].startswith(f"saving {out}/ckpt.pt failed: "), p.stderr
+        assert ("No space left on device" if limit is None else "File too large") in lines[0]
+        need = int(lines[0].split("it needs ")[1].split(" bytes")[0].replace(",", ""))
+        assert abs(need - len(before)) < 0.05 * len(before)  # the same state, two steps on
+        assert f"{out}/ckpt.pt still holds step 2" in lines[0]
+        assert not os.path.exists(f"{out}/ckpt.pt.tmp")
+        assert open(f"{out}/ckpt.pt", "rb").read() == before
+    finally:
+        cleanup()
+
+
+def test_a_damaged_checkpoint_is_named_in_one_line_and_kept(tiny_runs, tmp_path):
+    out, before = copy_of(tiny_runs, tmp_path)
+    with open(f"{out}/ckpt.pt", "r+b") as f:
+        f.truncate(len(before) // 2)  # a copy that stopped half way
+    [err] = fails([PY, "train.py", *TINY_RUN, "--epochs", "2", "--out_dir", out])
+    assert err.strip().splitlines() == [
+        f"{out}/ckpt.pt cannot be read ({len(before) // 2:,} bytes; not a whole zip archive, torch.save's format: a "
+        f"copy cut short, or a full disk?); nothing was changed. Move it aside to start afresh; or copy "
+        f"{out}/ckpt_ep1.pt (--keep_every's latest) over it to resume from there"]
+    assert open(f"{out}/ckpt.pt", "rb").read() == before[:len(before) // 2]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny_runs["self_classifier"][1]))
+
+
+def wait_for(path, text, p, timeout=300):
+    # until the file holds text (a run got that far), or the process p ended
+    t = time.monotonic()
+    while not (os.path.exists(path) and text in open(path).read()):
+        assert p.poll() is None and time.monotonic() - t < timeout, f"{path}: no {text!r}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("launch", ["python", pytest.param("torchrun", marks=slow)])
+def test_a_second_run_on_one_out_dir_is_refused_and_a_dead_holder_taken_over(tmp_path, launch):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(f"{out}/run.lock", "w") as f:  # left by a run killed on another machine: nobody holds the lock
+        f.write('{"host": "node7", "pid": 4242, "since": "2026-01-02T03:04:05+00:00"}\n')
+    flags = ("train.py", *SMALL_RUN, "--epochs", "100", "--out_dir", out)
+    cmd = [PY, *flags] if launch == "python" else torchrun(*flags)
+    with open(tmp_path / "first.log", "w") as log:  # a session of its own: the kill below reaches torchrun's workers
+        first = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"{out}/log.jsonl", '"kind": "step"', first)
+        assert "run.lock: taking over from host node7, process 4242, since 2026-01-02T03:04:05+00:00, which is gone" \
+            in open(tmp_path / "first.log").read()
+        holder = json.load(open(f"{out}/run.lock"))
+        [err] = fails(cmd)
+        assert f"{out} is in use by another run: host {holder['host']}, process {holder['pid']}, since " \
+               f"{holder['since']} (it holds {out}/run.lock). Wait for it to end or stop it, or give this run " \
+               f"another --out_dir" in err
+        assert "step 1/" not in err and (launch == "torchrun" or "Traceback" not in err)  # torchrun adds its own
+        assert first.poll() is None  # the first run goes on, untouched
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
 
 
 def test_nan_loss_stops_without_saving(tiny_runs, tmp_path):

@@ -9,6 +9,7 @@ Running the same command again resumes from OUT_DIR/ckpt.pt. SIGTERM or SIGUSR1 
 exits with status 75 (torchrun reports 1), for a job script to requeue the same command.
 """
 import argparse
+import atexit
 import datetime
 import inspect
 import json
@@ -29,7 +30,8 @@ import loss as losses
 import metrics
 from lars import LARS
 from model import NNQueue, build_model, init_from, load_checkpoint, read_pretrained, sync_bn_groups
-from preempt import REQUEUE_STATUS, StopSignal, exit_process, init_process_group
+from model import failed_save, save_atomically
+from preempt import REQUEUE_STATUS, SAVE_FAILED_STATUS, OutDirLock, StopSignal, exit_process, init_process_group
 from progress import Progress, fmt_time
 
 # -----------------------------------------------------------------------------
@@ -214,6 +216,7 @@ METHOD_RECIPES = {
 args.out_dir = args.out_dir or f"out/{args.dataset}-{args.method}"
 ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 resume = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+ckpt_seen = os.stat(ckpt_path) if resume is not None else None  # compared once the out dir is held
 init, init_note = None, None
 if resume is not None and resume["args"].get("init"):
     if args.init and args.init != resume["args"]["init"]:
@@ -338,6 +341,34 @@ def print0(*a):
         print(*a, flush=True)
 
 
+# one run per out dir: rank 0 holds OUT/run.lock until it exits, and every process follows its verdict
+lock = OutDirLock(args.out_dir)
+refusal = None
+if master:
+    try:
+        lock.acquire()
+    except OSError as e:
+        refusal = f"--out_dir {args.out_dir}: cannot write there ({e.strerror or e})"
+    if lock.busy:
+        refusal = (f"{args.out_dir} is in use by another run: {lock.busy} (it holds {lock.path}). Wait for it to "
+                   f"end or stop it, or give this run another --out_dir")
+    now = os.stat(ckpt_path) if os.path.exists(ckpt_path) else None
+    if not refusal and (now and (now.st_mtime_ns, now.st_size, now.st_ino)) != \
+            (ckpt_seen and (ckpt_seen.st_mtime_ns, ckpt_seen.st_size, ckpt_seen.st_ino)):
+        refusal = (f"{ckpt_path} was written by another run while this one started (that run has ended); the same "
+                   f"command again resumes from it")
+    if lock.unsupported:
+        print(f"warning: {lock.path}: the file system keeps no locks ({lock.unsupported}); nothing stops a second "
+              f"run from writing to {args.out_dir} too", flush=True)
+    elif lock.stale and not refusal:
+        print(f"{lock.path}: taking over from {lock.stale}, which is gone", flush=True)
+if ddp:
+    verdict = [refusal]
+    dist.broadcast_object_list(verdict, 0)
+    refusal = verdict[0]
+if refusal:
+    raise SystemExit(refusal if master else 1)
+atexit.register(lock.release)  # every exit but exit_process's, which releases it first
 if args.batch_size % world_size:
     raise SystemExit(f"--batch_size {args.batch_size} (global) does not divide by {world_size} processes")
 local_batch = args.batch_size // world_size
@@ -647,19 +678,34 @@ def score_head0(epoch):
            f"{r['seconds']:.1f} s")
 
 
-def save_checkpoint(step):
-    # rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt
+saved_step = start_step if start_step else None  # the step ckpt.pt holds, for the line of a failed save
+
+
+def save_checkpoint(step, copy_to=None):
+    """Rank 0 writes a temporary file and renames it: a crash never leaves a half-written ckpt.pt. copy_to: a
+    copy of ckpt.pt instead. A failed write stops the run with one line and status 74, ckpt.pt as it was."""
+    global saved_step
     if not master:
         return
-    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=step // steps_per_epoch,
-                 step=step, args=vars(args), queue=queue.state_dict() if queue is not None else None,
-                 pseudo_labels=pseudo_labels)
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
+    state = None if copy_to else dict(
+        model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=step // steps_per_epoch, step=step,
+        args=vars(args), queue=queue.state_dict() if queue is not None else None, pseudo_labels=pseudo_labels)
+    try:
+        if copy_to:
+            with open(ckpt_path, "rb") as src:
+                save_atomically(copy_to, lambda f: shutil.copyfileobj(src, f))
+        else:
+            save_atomically(ckpt_path, lambda f: torch.save(state, f))
+    except OSError as e:
+        last = step if copy_to else saved_step
+        intact = f"{ckpt_path} still holds step {last}" if last else "no checkpoint of this run was saved before"
+        print(failed_save(e, copy_to or ckpt_path, state, intact) + f" (exit status {SAVE_FAILED_STATUS})",
+              file=sys.stderr, flush=True)
+        if ddp:  # torchrun then stops the other processes
+            lock.release()
+            exit_process(SAVE_FAILED_STATUS)
+        raise SystemExit(SAVE_FAILED_STATUS)
+    saved_step = saved_step if copy_to else step
 
 
 def state_is_finite(loss):
@@ -674,6 +720,7 @@ def exit_for_requeue(step):
     print0(f"stopped by {stop.name} after step {step}/{total_steps}: saved {ckpt_path}; the same command resumes "
            f"from this step (exit status {REQUEUE_STATUS})")
     if ddp:
+        lock.release()
         exit_process(REQUEUE_STATUS)
     raise SystemExit(REQUEUE_STATUS)
 
@@ -784,14 +831,13 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
         score_head0(epoch + 1)
     save_checkpoint(step)
     t_saved = time.time()
-    if master and args.keep_every and (epoch + 1) % args.keep_every == 0:
-        kept = os.path.join(args.out_dir, f"ckpt_ep{epoch + 1}.pt")
-        shutil.copyfile(ckpt_path, kept + ".tmp")
-        os.replace(kept + ".tmp", kept)
+    if args.keep_every and (epoch + 1) % args.keep_every == 0:
+        save_checkpoint(step, copy_to=os.path.join(args.out_dir, f"ckpt_ep{epoch + 1}.pt"))
     if stop.agreed and step < total_steps:  # the signal came at the epoch's last step: saved above
         exit_for_requeue(step)
 stop.close()
 print0(f"done: {args.epochs} epochs in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
+    lock.release()
     exit_process(0)
