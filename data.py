@@ -266,6 +266,16 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(i, self.epoch) for i in mine.flatten().tolist()])
 
 
+def center_crop_set(args, split):
+    """A split of train.py's run (args: its settings) as evaluate.py reads it, for scoring and SeLa's
+    relabelling: center crops; a folder's pictures decoded no larger than the crop needs."""
+    tf = eval_transform(args.dataset, args.size, args.mean, args.std)
+    ds = build_dataset(args.dataset, args.data_dir, split, tf, holdout=args.holdout, channels=args.in_chans)
+    if args.dataset == "folder":
+        ds.draft_side, ds.max_pixels = args.size, args.max_pixels
+    return ds
+
+
 def pass_loader(ds, batch_size, rank, world_size, workers):
     """A loader for passes beside training (scoring, SeLa's relabelling) over this process's share of ds, every
     world_size-th image from rank. Its workers are forked now, once, and persist: a worker forked later, beside

@@ -7,6 +7,7 @@ data.py: ImageFiles is the folder as a dataset; train.py and evaluate.py read fo
 import hashlib
 import json
 import os
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -373,3 +374,99 @@ def folder_recipe(side, colour):
     size = max(16, side)
     small = dict(size=size, local_size=size // 2, crop_scale=[0.8, 1.0])
     return small, f"{what}: the recipe for small pictures ({size}-px crops of area 0.8-1)"
+
+
+class Preparation:
+    """train.py's folder work before any step: every file decoded once (JPEGs at 1/8 scale), so that a bad file
+    stops the run now, not at step 5,000, and the same pass measures the mean and std the input is normalised by;
+    the unreadable files refused or left out; the evaluation split's own scan; OUT/scan*.json and OUT/skipped.txt
+    written (keep) only once the resume check has passed, so that a refused resume keeps the old ones."""
+
+    def __init__(self, args, rank=0, world_size=1, say=print):
+        self.args, self.rank, self.world_size, self.say = args, rank, world_size, say
+        self.skipped = []  # (file, reason) of the training split left out
+        self.lines = []  # OUT/skipped.txt: (path below --data_dir, reason) of each file left out, of either split
+        self.caches = {}  # name: (key, files, scan) of the scans to keep in OUT
+
+    def _scan(self, ds, name):
+        # shared_scan with OUT/name as its cache: (the Scan, whether it came from the cache)
+        ds.max_pixels = self.args.max_pixels
+        scan, made = shared_scan(ds, os.path.join(self.args.out_dir, name), self.args.workers, self.rank,
+                                 self.world_size)
+        if made:
+            self.caches[name] = made
+        return scan, made is None
+
+    def _refuse(self, bad, total, where, way_out="to train without them"):
+        if bad and not self.args.skip_unreadable:
+            raise SystemExit(f"{len(bad)} of {total} files {where} cannot be decoded:\n  "
+                             + "\n  ".join(f"{f}: {e}" for f, e in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+                             + f"\nremove or fix them, or pass --skip_unreadable {way_out}")
+
+    def _note(self, root, bad):
+        self.lines += [(os.path.relpath(os.path.join(root, f), self.args.data_dir), e) for f, e in bad]
+
+    def train_split(self, dataset, started):
+        """Scan the training split, refuse or drop its unreadable files, set args.mean, args.std and
+        args.folder_files, and say what the scan found (started: time.time() before the listing)."""
+        args, say = self.args, self.say
+        scan, cached = self._scan(dataset, "scan.json")
+        args.mean, args.std = scan.mean, scan.std
+        self._refuse(scan.unreadable, len(dataset), f"below {args.data_dir}")
+        self.skipped = skipped = scan.unreadable
+        dataset.drop([f for f, _ in skipped])
+        self._note(dataset.root, skipped)
+        dataset.draft_side = 2 * args.size  # a global crop of a quarter of the picture keeps its full resolution
+        args.folder_files = dataset.fingerprint()
+        say(f"folder recipe: {args.folder_recipe} (flags given win)")
+        w, h = scan.median_size
+        colour = (f"{scan.colour_pictures:,} of {len(dataset):,} in colour" if scan.colour else "none in colour")
+        unreadable = (f"{len(skipped)} unreadable, left out ({few([f for f, _ in skipped])}; all with the reasons "
+                      f"in {os.path.join(args.out_dir, 'skipped.txt')})" if skipped else "0 unreadable")
+        seconds = time.time() - started
+        took = (f"scan of {scan.files:,} files read from {os.path.join(args.out_dir, 'scan.json')} (the same paths, "
+                f"sizes and times) in {seconds:.1f} s" if cached else f"scanned {scan.files:,} files in {seconds:.1f} s")
+        classes = f"{len(dataset.classes)} ({few(dataset.classes, 10)})" if dataset.classes else "none (unlabelled)"
+        say(f"{took}: {unreadable}, mean {args.mean}, std {args.std}, median {w} x {h} px, {colour}, classes: {classes}")
+        if scan.truncated:
+            say(f"warning: {len(scan.truncated)} truncated file(s), read as far as they go (as viewers show them): "
+                f"{few(scan.truncated, 10)}")
+        if scan.large:
+            say(f"warning: {len(scan.large)} picture(s) above PIL's limit of {DEFAULT_MAX_PIXELS:,} pixels, read "
+                f"as --max_pixels allows (each takes memory for its full size): {few(scan.large, 10)}")
+
+    def eval_split(self, eval_set, dataset):
+        """The evaluation split's unreadable files, refused or dropped: its own scan where it is another folder."""
+        own = eval_set.root != dataset.root
+        bad = self._scan(eval_set, "scan_val.json")[0].unreadable if own else self.skipped
+        self._refuse(bad, len(eval_set), f"of the evaluation split below {eval_set.root}",
+                     "to train and score without them, or --eval_every 0 to train without scoring")
+        eval_set.drop([f for f, _ in bad])
+        if own:
+            self._note(eval_set.root, bad)
+
+    def resume_differences(self, diff, checkpoint_files):
+        """A resume check's differences (lines "key: checkpoint ..., now ...") with folder_files' line saying which
+        files changed since the checkpoint's scan; a warning where only sizes or times changed."""
+        if "scan.json" not in self.caches:  # the scan came from OUT/scan.json: the checkpoint's files, unchanged
+            return diff
+        # OUT/scan.json still holds the files the checkpoint's run scanned (a new scan is kept only after this check)
+        now = [r for r in self.caches["scan.json"][1] if r[0] not in dict(self.skipped)]
+        changes = changes_since(os.path.join(self.args.out_dir, "scan.json"), checkpoint_files, now)
+        if changes and checkpoint_files != self.args.folder_files:
+            return [f"folder_files: the folder changed since the checkpoint: {describe_changes(*changes)}"
+                    if d.startswith("folder_files:") else d for d in diff]
+        if changes and changes[2]:  # the same files in the same order: the run goes on, but should know
+            self.say(f"warning: {len(changes[2])} file(s) below {self.args.data_dir} changed in size or modification "
+                     f"time since the checkpoint's scan ({few(changes[2])}); resuming on them")
+        return diff
+
+    def keep(self):
+        """Rank 0, once the run goes on: the new scans into OUT, and OUT/skipped.txt where files may be left out
+        (one line a file: its path below --data_dir with /, a tab, the reason)."""
+        for name, (key, files, scan) in self.caches.items():
+            write_scan_cache(os.path.join(self.args.out_dir, name), key, files, scan)
+        if self.args.skip_unreadable:
+            os.makedirs(self.args.out_dir, exist_ok=True)
+            with open(os.path.join(self.args.out_dir, "skipped.txt"), "w") as f:
+                f.writelines(f"{path.replace(os.sep, '/')}\t{reason}\n" for path, reason in self.lines)

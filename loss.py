@@ -1,8 +1,8 @@
 """Objectives of the three single-stage self-classification methods, in float32.
 
-Self-Classifier (Amrani et al., ECCV 2022, eq. 5-7), TWIST (Wang et al., 2021, eq. 4-6) and the
-Sinkhorn-Knopp step of SeLa (Asano et al., ICLR 2020, eq. 6-8). Under torch.distributed every batch
-statistic is over the global batch, combined across processes as C-vectors, never [N, C] gathers.
+Self-Classifier (Amrani et al., ECCV 2022, eq. 5-7), TWIST (Wang et al., 2021, eq. 4-6) and SeLa (Asano et
+al., ICLR 2020, eq. 6-8: its Sinkhorn-Knopp step and the relabelling pass around it). Under torch.distributed
+every batch statistic is over the global batch, combined across processes as C-vectors, never [N, C] gathers.
 """
 import itertools
 import math
@@ -11,6 +11,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from progress import Progress
 
 # -----------------------------------------------------------------------------
 # collectives
@@ -246,3 +248,35 @@ def sinkhorn_knopp(log_p, lamb=25.0, tol=0.1, max_iter=100_000, return_iters=Fal
                       f"the labels are not converged (raise max_iter)", RuntimeWarning, stacklevel=2)
     labels = (log_a + log_r[None, :]).argmax(dim=1)
     return (labels, it) if return_iters else labels
+
+
+@torch.no_grad()
+def sela_relabel(model, loader, labels, row_tau, lamb, autocast):
+    """SeLa's label step: log p(y|x) of every training image at row_tau (loader: this process's share of them,
+    center crops; the model in eval mode meanwhile), then Sinkhorn-Knopp per head into labels, (heads, images).
+    Each process labels its share; the shares are gathered, so that every process's table is the same."""
+    model.eval()
+    device, n_procs = labels.device, world_size()
+    total = len(loader.dataset.dataset)
+    mine = torch.tensor(loader.dataset.indices, dtype=torch.long)  # this process's share of the training images
+    # the log-probabilities wait in host memory in float16 and go to the device one head at a time:
+    # on ImageNet, 10 heads of 3000 classes over 160k images per process would take 19 GB in float32
+    log_p = [[] for _ in range(len(labels))]
+    progress = Progress("relabelling", total)
+    for x, _, _ in loader:
+        with autocast:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            for h, logits in enumerate(model.predict(x)[1]):
+                log_p[h].append(torch.log_softmax(logits.float() / row_tau, dim=1).to("cpu", torch.float16))
+        progress.update(len(x) * n_procs)  # rank 0's share stands for every process's
+    pad = -(-total // n_procs) - len(mine)  # all_gather needs equal shares
+    index = all_gather_cat(F.pad(mine.to(device), (0, pad), value=-1))
+    iters = []
+    for h in range(len(labels)):
+        new, n = sinkhorn_knopp(torch.cat(log_p[h]).to(device), lamb, return_iters=True)
+        iters.append(n)
+        log_p[h] = None
+        new = all_gather_cat(F.pad(new, (0, pad), value=-1))
+        labels[h, index[index >= 0]] = new[index >= 0]
+    progress.close(f"Sinkhorn-Knopp iterations per head {iters}")
+    model.train()

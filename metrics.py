@@ -1,9 +1,13 @@
 """Clustering metrics for Self-Classifier evaluation: NMI, AMI and ARI with scikit-learn's definitions and
 edge cases (arithmetic normalisation; AMI after Vinh, Epps & Bailey, 2010), Hungarian-matched ACC, and the
-weighted kNN classifier of the authors' knn_eval.py, and scipy's k-means an iteration at a time.
+weighted kNN classifier of the authors' knn_eval.py, head 0 scored during training, and scipy's k-means an iteration at a time.
 """
+import math
+import time
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.cluster.vq import kmeans2, vq
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
@@ -240,6 +244,44 @@ def cluster_metrics_from_counts(counts):
     t.vals = m.reshape(-1)[nz]
     t.rows, t.cols = np.divmod(nz, m.shape[1])
     return {"nmi": _nmi(t), "ami": _ami(t), "ari": _ari(t), "acc": _acc(t)}
+
+
+def balance(counts):
+    """Entropy of the class sizes over log C: 1 when every class of the head is used equally, as the uniform
+    prior asks, 0 when one class takes every image."""
+    p = counts.double() / counts.sum()
+    return float(-torch.xlogy(p, p).sum() / math.log(len(p))) if len(p) > 1 else 1.0
+
+
+@torch.no_grad()
+def score_head0(model, loader, classes, n_true, device, autocast, distributed=False):
+    """train.py --eval_every: head 0 on the evaluation split as evaluate.py scores it (center crops, eval mode),
+    each process its share of the loader; the (true class x class) counts are summed over processes. n_true: the
+    true classes, 0 without labels. NMI, AMI, ARI and ACC where labelled; classes used and balance always."""
+    t0 = time.time()
+    # every process scores with rank 0's BatchNorm statistics, the checkpoint's: each process keeps its own on a
+    # CPU and per --bn_group; its own come back afterwards, so that training does not depend on --eval_every
+    own = [b.clone() for b in model.buffers()] if distributed else []
+    for b in model.buffers() if distributed else ():
+        dist.broadcast(b, 0)
+    model.eval()
+    rows = max(n_true, 1)
+    counts = torch.zeros(rows * classes, dtype=torch.long, device=device)
+    for x, y, _ in loader:
+        with autocast:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            pred = model.predict(x, heads=[0])[1][0].argmax(dim=1)
+        row = y.to(device).clamp(min=0) if n_true else torch.zeros_like(pred)
+        counts.index_add_(0, row * classes + pred, torch.ones_like(pred))
+    if distributed:
+        dist.all_reduce(counts)
+    for b, mine in zip(model.buffers(), own):
+        b.copy_(mine)
+    model.train()
+    counts = counts.view(rows, classes).cpu()
+    sizes = counts.sum(0)
+    return dict(cluster_metrics_from_counts(counts) if n_true else {}, classes=int((sizes > 0).sum()),
+                balance=balance(sizes), num_eval=int(sizes.sum()), seconds=time.time() - t0)
 
 
 @torch.no_grad()

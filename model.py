@@ -3,15 +3,18 @@ the paper), the logit BatchNorm of TWIST, and the nearest-neighbour queue of the
 """
 import errno
 import glob
+import inspect
 import os
 import re
 import shutil
 import zipfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from loss import all_gather_cat
 
@@ -197,6 +200,19 @@ def sync_bn_groups(world_size, group_size):
         raise ValueError(f"--bn_group {group_size}: need 0 or a size that divides the {world_size} processes")
     size = world_size if group_size == 0 or group_size >= world_size else group_size
     return [list(range(start, start + size)) for start in range(0, world_size, size)]
+
+
+def sync_batchnorm(module, group_size, rank=0, world_size=1, timeout=None):
+    """module with SyncBatchNorm over groups of group_size consecutive ranks (sync_bn_groups), as the authors'
+    runs; every rank creates every group, as torch.distributed asks. group_size 1: module as it is."""
+    if group_size == 1:
+        return module
+    try:
+        groups = sync_bn_groups(world_size, group_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    handles = [dist.new_group(g, timeout=timeout) for g in groups] if len(groups) > 1 else [None]
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=handles[rank // len(groups[0])])
 
 
 def build_model(a):
@@ -516,3 +532,40 @@ def init_from(model, pre):
         take = take + (keys if ok else [])
     model.load_state_dict({**own, **{k: src[k] for k in take}})
     return taken, new
+
+
+def starting_weights(args, ckpt_path):
+    """Where train.py's network starts: a resume from ckpt_path where it exists, which wins over --init (the
+    checkpoint's own --init, if it had one, goes into args.init), else the --init file, else fresh weights.
+    Returns (resume, init, note, seen, shape): the checkpoint (or None), the --init file as read_pretrained reads
+    it (or None), a line saying which won (or None), the checkpoint file's os.stat when it was read (to see
+    whether another run rewrote it before this one held the folder), and the network's shape flags it fixes."""
+    resume = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    seen = os.stat(ckpt_path) if resume is not None else None
+    init, note, shape = None, None, {}
+    if resume is not None and resume["args"].get("init"):
+        if args.init and args.init != resume["args"]["init"]:
+            note = f"--init {args.init} not used: resuming {ckpt_path}, which started from {resume['args']['init']}"
+        args.init = resume["args"]["init"]
+        shape = {k: resume["args"][k] for k in ("arch", "width", "mlp_layers", "mlp_hidden", "mlp_out")}
+    elif args.init and resume is not None:
+        note, args.init = f"--init {args.init} not used: resuming {ckpt_path}, which started afresh", None
+    elif args.init:
+        if not os.path.isfile(args.init):
+            raise SystemExit(f"--init {args.init}: no such file")
+        init = read_pretrained(args.init)
+        c = init["config"]
+        # a backbone alone gives the arch only
+        shape = dict(arch=c["arch"], **({"width": c["width"]} if c["arch"] == "cnn" else {}),
+                     **{k: c[k] for k in ("mlp_layers", "mlp_hidden", "mlp_out") if c["mlp_layers"]})
+    return resume, init, note, seen, shape
+
+
+def wrap_ddp(model, device_ids=None):
+    """DistributedDataParallel without a broadcast of BatchNorm statistics from rank 0 before each forward: on a
+    CPU each process keeps its own, on CUDA SyncBatchNorm makes them the same within each --bn_group; checkpoints
+    hold rank 0's. torch 2.13 renamed the switch (the old name warns), and the new one also broadcasts them once
+    here: a no-op, as every process built the same model or loaded the same checkpoint."""
+    new_name = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    no_sync = dict(forward_sync_buffers=False) if new_name else dict(broadcast_buffers=False)
+    return DDP(model, device_ids=device_ids, **no_sync)

@@ -169,3 +169,57 @@ def describe_holder(text):
         return f"host {h['host']}, process {h['pid']}, since {h['since']}"
     except (ValueError, KeyError, TypeError):  # empty: released, or its holder had not yet written its name
         return None
+
+
+def hold_out_dir(out_dir, ckpt_path, ckpt_seen, master=True, distributed=False):
+    """One run per out dir: rank 0 takes OUT/run.lock (OutDirLock) and every process follows its verdict. A
+    busy folder, one that cannot be written, or a ckpt.pt that another run rewrote since ckpt_seen (its os.stat
+    when the flags were completed, None where there was none) stops every process with one line. Returns the
+    lock, held by rank 0 until release() (or the end of the process)."""
+    lock, refusal = OutDirLock(out_dir), None
+    if master:
+        try:
+            lock.acquire()
+        except OSError as e:
+            refusal = f"--out_dir {out_dir}: cannot write there ({e.strerror or e})"
+        if lock.busy:
+            refusal = (f"{out_dir} is in use by another run: {lock.busy} (it holds {lock.path}). Wait for it to "
+                       f"end or stop it, or give this run another --out_dir")
+        now = os.stat(ckpt_path) if os.path.exists(ckpt_path) else None
+        if not refusal and (now and (now.st_mtime_ns, now.st_size, now.st_ino)) != \
+                (ckpt_seen and (ckpt_seen.st_mtime_ns, ckpt_seen.st_size, ckpt_seen.st_ino)):
+            refusal = (f"{ckpt_path} was written by another run while this one started (that run has ended); the "
+                       f"same command again resumes from it")
+        if lock.unsupported:
+            print(f"warning: {lock.path}: the file system keeps no locks ({lock.unsupported}); nothing stops a "
+                  f"second run from writing to {out_dir} too", flush=True)
+        elif lock.stale and not refusal:
+            print(f"{lock.path}: taking over from {lock.stale}, which is gone", flush=True)
+    if distributed:
+        verdict = [refusal]
+        dist.broadcast_object_list(verdict, 0)
+        refusal = verdict[0]
+    if refusal:
+        raise SystemExit(refusal if master else 1)
+    return lock
+
+
+def report_failures(where, dist_timeout_min):
+    """A process's uncaught exception: its traceback, then one line naming the rank and where() it stopped
+    (torchrun puts every process's traceback in one log), with --dist_timeout where it waited for the others."""
+    def hook(kind, e, tb):
+        sys.__excepthook__(kind, e, tb)
+        waited = isinstance(e, dist.DistError) or "Timed out" in str(e)  # gloo's timeouts are plain RuntimeErrors
+        first = (str(e).splitlines() or [""])[0]
+        print(f"rank {os.environ.get('RANK', 0)} stopped {where()}: {kind.__name__}: {first}"
+              + (f" (--dist_timeout {dist_timeout_min:g} min)" if waited else ""), file=sys.stderr, flush=True)
+    sys.excepthook = hook
+
+
+def end_process(status, lock, distributed=False):
+    """A run's end with this status once its work is saved, OUT/run.lock released first: exit_process for a
+    process of a distributed job, else SystemExit (which runs Python's teardown as usual)."""
+    lock.release()
+    if distributed:
+        exit_process(status)
+    raise SystemExit(status)

@@ -1,6 +1,8 @@
 """Progress lines of the long stages (feature extraction, the linear probe, k-means, kNN, a folder's scan, SeLa's
-relabelling): plain lines for a log file, in the style of train.py's step line, from rank 0 alone.
+relabelling): plain lines for a log file, in the style of train.py's step line, from rank 0 alone; and train.py's
+OUT/log.jsonl, the same lines as records.
 """
+import json
 import os
 import time
 
@@ -45,3 +47,47 @@ class Progress:
             print(f"{self.name}: {done:,} {self.unit} in {took} ({fmt_rate(done / max(seconds, 1e-9))} "
                   f"{self.unit}/s){' | ' + info if info else ''}", flush=True)
         return seconds
+
+
+class JsonLog:
+    """OUT/log.jsonl: one JSON record a line (log steps, epoch ends, evaluations), each with its step, written by
+    rank 0 alone (master); a line cut short by a kill goes at the next trim."""
+
+    def __init__(self, path, master=True):
+        self.path, self.master = path, master
+
+    def trim(self, step):
+        """Keep the records up to this step (a resume's): those after it are of steps the run does again."""
+        if not self.master or not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a line cut short by a kill
+                    pass
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
+
+    def write(self, **record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class CollapseWatch:
+    """The collapse banner: head 0 predicting fewer than frac of its classes in the global batch at `logs` log
+    steps in a row (a check that assumes classes of about equal size, as the uniform prior does)."""
+
+    def __init__(self, frac, logs, classes, say=print):
+        self.frac, self.logs, self.classes, self.say, self.streak = frac, logs, classes, say, 0
+
+    def update(self, used):
+        """used: the classes with at least one image in this log step's global batch."""
+        self.streak = self.streak + 1 if used < self.frac * self.classes else 0
+        if self.streak >= self.logs:
+            self.say(f"{'!' * 80}\nCOLLAPSE? head 0 predicts only {used} of {self.classes} classes in the global "
+                     f"batch, below {self.frac:.0%} for {self.streak} log steps in a row\n{'!' * 80}")
