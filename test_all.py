@@ -1445,6 +1445,50 @@ def test_imagenet_recipes_are_the_official_runs(monkeypatch, capsys):
     assert "the recipes are the published ImageNet runs" in dry_run(monkeypatch, capsys, "--recipe", "100ep")
 
 
+# what the papers and the authors' code publish for each method, whatever the dataset: Self-Classifier's
+# temperatures (its eq. 6-7), TWIST's loss weights (its eq. 6 and code defaults), SeLa's lambda (25 on ImageNet, 10
+# in its CIFAR code); with one queue (Self-Classifier's) and TWIST's tau of 1 on the GPU recipes
+PUBLISHED_OBJECTIVE = {"self_classifier": dict(row_tau=0.1, col_tau=0.05, no_prior=False),
+                       "twist": dict(twist_lam1=0.0, twist_lam2=1.0, queue_len=0),
+                       "sela": dict(row_tau=0.1, queue_len=0)}
+EVERY_RUN = [(d, m, r) for d in ("imagenet", "stl10", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic",
+                                 "folder") for m in ("self_classifier", "twist", "sela")
+             for r in ((None, "bs2048", "100ep", "800ep") if d == "imagenet" and m != "sela" else (None,))]
+
+
+@pytest.mark.parametrize("dataset,method,recipe", EVERY_RUN)
+def test_dry_run_of_every_dataset_and_method(monkeypatch, capsys, tmp_path, dataset, method, recipe):
+    flags = ["--dataset", dataset, "--method", method, "--out_dir", str(tmp_path / "out")]
+    flags += ["--recipe", recipe] if recipe else []
+    if dataset == "folder":
+        flags += ["--data_dir", make_jpeg_folder(str(tmp_path / "pictures"))]
+    got = dry_run(monkeypatch, capsys, *flags)
+    assert isinstance(got, dict), got
+    unset = {k for k, v in got.items() if v is None}
+    assert unset <= {"init", "lr_drops", "recipe", "channels", "mean", "std", "folder_recipe", "sela_relabels"}, unset
+    assert {k: got[k] for k in PUBLISHED_OBJECTIVE[method]} == PUBLISHED_OBJECTIVE[method]
+    assert got["twist_tau"] == (0.5 if dataset in ("fashion_mnist", "mnist", "synthetic", "folder") else 1.0)
+    assert got["sela_lamb"] == (10.0 if dataset in ("cifar10", "cifar100") else 25.0)
+    assert got["peak_lr"] == pytest.approx(got["lr"] * got["batch_size"] / 256)
+    if not got["lr_drops"]:
+        assert got["final_lr"] == pytest.approx(got["peak_lr"] * got["final_lr_ratio"])
+    assert got["batch_size"] > 0 and got["epochs"] > 0 and all(c > 1 for c in got["cls_sizes"])
+    if method == "sela":
+        assert got["sela_relabel_epochs"][0] == 0
+        assert len(got["sela_relabel_epochs"]) == (got["sela_relabels"] or got["epochs"])
+    if dataset == "imagenet" and method != "sela":  # the published runs' batch, epochs and start
+        official = OFFICIAL_RUNS[recipe or "bs2048"]
+        assert (got["batch_size"], got["epochs"]) == (official["batch_size"], official["epochs"])
+        assert got["peak_lr"] == pytest.approx(official["peak_lr"] if method == "self_classifier"
+                                               else 0.5 * official["batch_size"] / 256)
+    if (dataset, method) == ("cifar10", "self_classifier"):  # the CIFAR-10 report's run (SPEC section 4)
+        assert (got["arch"], got["batch_size"], got["optimizer"], got["epochs"]) == ("resnet18", 64, "lars", 100)
+    if dataset == "mnist":  # Fashion-MNIST's recipe, with the digits' own crops (data.py: default_crop_scale)
+        twin = dry_run(monkeypatch, capsys, *[("fashion_mnist" if f == "mnist" else f) for f in flags])
+        own = ("dataset", "data_dir", "out_dir", "crop_scale")
+        assert {k: v for k, v in got.items() if k not in own} == {k: v for k, v in twin.items() if k not in own}
+
+
 def test_sync_bn_groups_are_consecutive_ranks():
     assert sync_bn_groups(66, 22) == [list(range(0, 22)), list(range(22, 44)), list(range(44, 66))]  # the authors' 100 epochs
     assert sync_bn_groups(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -3058,7 +3102,7 @@ def test_documents_name_symbols_that_exist():
     assert doc_reference_errors(texts) == []
     assert len(re.findall(r"`\w+\.py: \w", texts["docs/fidelity.md"])) >= 30  # the parser sees the references
     made_up = {"a.md": "`train.py: lr_at`, `model.py: NNQueue.lookup`, `model.py: ProjectionMLP.out_dim`, "
-                       "`train.py`: `relabel()`, `TWIST train.py:188-264`, SC `src/train.py:430`, `TWIST utils.py: x`\n"
+                       "`train.py`: `save_checkpoint()`, `TWIST train.py:188-264`, SC `src/train.py:430`, `TWIST utils.py: x`\n"
                        "`train.py: lr_schedule`, `model.py: NNQueue.pop`, `train.py:332`, `loss.py`: `no_loss`, "
                        "`utils.py: adjust_learning_rate`"}
     assert doc_reference_errors(made_up) == [
