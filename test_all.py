@@ -111,14 +111,31 @@ def test_self_classifier_loss_matches_reference(views):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5 * scale)
 
 
-def test_self_classifier_pair_count():
-    # 2 global + 6 local views: V(V-1) - L(L-1) = 56 - 30 = 26 pairs; with all pair terms equal to
-    # log C (equal logits), any other count of pairs in the mean would still give log C, so count
-    # pairs through the reference, which enumerates them one by one
-    logits = random_logits(heads=(5,), views=8)
-    n_pairs = sum(1 for i, j in itertools.permutations(range(8), 2) if not (i >= 2 and j >= 2))
-    assert n_pairs == 26
-    assert loss.self_classifier_loss(logits).item() == pytest.approx(reference_self_classifier(logits).item(), rel=1e-5)
+@pytest.mark.parametrize("L", [0, 1, 6])
+def test_self_classifier_pair_count(L):
+    # Pair terms of three known values, so that the mean reveals how many of each kind it averages (SPEC §2):
+    # global views 0 and 1 balanced and mildly confident (logit s on the class n mod C), local views all equal.
+    # Closed forms from the paper's equations: a uniform prediction gives every target log C; a uniform target
+    # (rows 1/C) predicting a global view gives log(e^a + C - 1) - a/C with a = s / row_tau (its column sums are
+    # N/C); a global target, rows q = softmax(b * onehot), b = s / col_tau, on a global prediction gives the
+    # cross-entropy -(q_hot log p_hot + (C - 1) q_other log p_other).
+    C, N, s, row_tau, col_tau = 5, 20, 0.3, 0.1, 0.05
+    a, b = s / row_tau, s / col_tau
+    p_hot, p_other = math.exp(a) / (math.exp(a) + C - 1), 1 / (math.exp(a) + C - 1)
+    q_hot, q_other = math.exp(b) / (math.exp(b) + C - 1), 1 / (math.exp(b) + C - 1)
+    global_to_global = -(q_hot * math.log(p_hot) + (C - 1) * q_other * math.log(p_other))
+    local_to_global = math.log(math.exp(a) + C - 1) - a / C
+    to_local = math.log(C)  # global -> local, and local -> local if it were counted
+    V = 2 + L
+    n_pairs = V * (V - 1) - L * (L - 1)  # the paper's count: every ordered pair but local -> local
+    assert n_pairs == 2 + 4 * L and (L != 6 or n_pairs == 26)
+    expected = (2 * global_to_global + 2 * L * local_to_global + 2 * L * to_local) / n_pairs
+    onehot = s * F.one_hot(torch.arange(N) % C, C).float()
+    views = [onehot, onehot.clone()] + [torch.zeros(N, C) for _ in range(L)]
+    assert loss.self_classifier_loss([views], row_tau, col_tau).item() == pytest.approx(expected, rel=1e-5)
+    if L > 1:  # counting local -> local pairs too would move the mean: the test tells the two apart
+        wrong = (2 * global_to_global + 2 * L * local_to_global + (2 * L + L * (L - 1)) * to_local) / (V * (V - 1))
+        assert abs(wrong - expected) > 1e-3
 
 
 def test_self_classifier_known_values():
@@ -169,11 +186,16 @@ def test_self_classifier_prior_argument():
 
 
 def test_view_cross_entropy_is_plain_and_collapses_at_zero():
-    # without the prior: -<softmax(z_i / tau), log softmax(z_j / tau)> over the same pairs, in float64 here
+    # without the prior: -<softmax(z_i / tau), log softmax(z_j / tau)>, in numpy float64 over the pairs of 2 global
+    # + 2 local views written out by hand (every ordered pair but local -> local: 12 - 2 = 10)
+    from scipy.special import log_softmax, softmax
     logits = random_logits(views=4)
-    terms = [-(torch.softmax(v[i] / 0.1, 1) * torch.log_softmax(v[j] / 0.1, 1)).sum(1).mean()
-             for v in logits for i, j in itertools.permutations(range(4), 2) if not (i >= 2 and j >= 2)]
-    assert loss.view_cross_entropy(logits).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    pairs = [(0, 1), (1, 0), (0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (3, 0), (2, 1), (3, 1)]
+    terms = [-(softmax(v[i].detach().numpy() / 0.1, axis=1) * log_softmax(v[j].detach().numpy() / 0.1, axis=1)
+               ).sum(1).mean() for v in logits for i, j in pairs]
+    assert loss.view_cross_entropy(logits).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    equal = [[torch.zeros(6, 7) for _ in range(4)]]  # uniform distributions everywhere: log C, a known value
+    assert loss.view_cross_entropy(equal).item() == pytest.approx(math.log(7), rel=1e-6)
     collapsed = torch.zeros(40, 10)
     collapsed[:, 3] = 2.0  # every image in class 3: the best value without the prior, the worst with it
     assert loss.view_cross_entropy([[collapsed, collapsed.clone()]]).item() < 1e-6
@@ -298,10 +320,20 @@ def test_sinkhorn_no_underflow_where_float32_would():
 
 
 def test_sela_loss_is_cross_entropy():
+    # SPEC §8: the cross-entropy of each head's logits (at tau) against its stored labels, averaged over heads and
+    # views; in numpy float64, -z_y / tau + log sum_c exp(z_c / tau), with the log-sum-exp written out
     logits = random_logits(heads=(4, 6), views=3, n=5, dtype=torch.float32)
     targets = torch.stack([torch.arange(5) % 4, torch.arange(5) % 6])
-    expected = np.mean([F.cross_entropy(z / 0.1, targets[h]).item() for h, v in enumerate(logits) for z in v])
-    assert loss.sela_loss(logits, targets, 0.1).item() == pytest.approx(expected, rel=1e-6)
+    terms = []
+    for h, views in enumerate(logits):
+        for z in views:
+            z = z.detach().double().numpy() / 0.1
+            m = z.max(axis=1, keepdims=True)
+            lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+            terms.append(np.mean(lse - z[np.arange(5), targets[h].numpy()]))
+    assert loss.sela_loss(logits, targets, 0.1).item() == pytest.approx(np.mean(terms), rel=1e-6)
+    equal = [[torch.zeros(5, 4)] * 2, [torch.zeros(5, 6)] * 2]  # equal logits: log C of each head, then the mean
+    assert loss.sela_loss(equal, targets, 0.1).item() == pytest.approx((math.log(4) + math.log(6)) / 2, rel=1e-6)
 
 
 def test_bf16_autocast_step_on_cpu_matches_float32():
@@ -366,14 +398,23 @@ def test_model_shapes_and_multicrop_groups():
 
 
 def test_norm_linear_is_weight_normalised():
+    # W_c = g_c v_c / ||v_c||: the output does not move when a row of v is scaled, moves with g_c alone, and is
+    # g_c for an input along v_c (a cosine of 1)
+    torch.manual_seed(0)
     head = NormLinear(8, 5)
+    x = F.normalize(torch.randn(4, 8), dim=1)
     with torch.no_grad():
         head.g.copy_(torch.arange(1.0, 6.0))
-        head.v.mul_(torch.arange(1.0, 6.0)[:, None] * 7)  # scaling v must not change the output
-    x = F.normalize(torch.randn(4, 8), dim=1)
-    expected = (x @ F.normalize(head.v, dim=1).T) * head.g
-    torch.testing.assert_close(head(x), expected)
-    assert head(x).abs().max() <= 5 + 1e-5  # cosines times g
+        before = head(x).clone()
+        head.v.mul_(torch.tensor([0.01, 0.5, 3.0, 7.0, 100.0])[:, None])  # each class's row by its own factor
+        torch.testing.assert_close(head(x), before)
+        head.g[2] *= -2.0
+        after = head(x)
+        torch.testing.assert_close(after[:, 2], -2.0 * before[:, 2])
+        torch.testing.assert_close(after[:, [0, 1, 3, 4]], before[:, [0, 1, 3, 4]])
+        along = head.v / head.v.norm(dim=1, keepdim=True)  # unit inputs along each v_c
+        torch.testing.assert_close(head(along).diagonal(), head.g, rtol=1e-6, atol=1e-6)
+        assert (head(x).abs() <= head.g.abs() + 1e-6).all()  # |cosine| <= 1
 
 
 def test_queue_nearest_neighbour_excludes_own_index():
@@ -939,13 +980,21 @@ def test_metrics_acc_known_values():
     assert cluster_acc([5], [-5]) == 1.0
 
 
-def test_metrics_cluster_metrics_matches_individual():
+def test_metrics_cluster_metrics_against_sklearn_and_brute_force():
+    # the shared-table path against the references, not against the functions that share its helpers: sklearn's
+    # scores on every case, the brute-force ACC where its permutations stay few
+    sk_nmi, sk_ami, sk_ari = _sk()
+    brute = 0
     for y_true, y_pred in _metrics_cases().values():
         out = cluster_metrics(y_true, y_pred)
-        assert set(out) == {"nmi", "ami", "ari", "acc"}
-        assert out == {"nmi": nmi(y_true, y_pred), "ami": ami(y_true, y_pred),
-                       "ari": ari(y_true, y_pred), "acc": cluster_acc(y_true, y_pred)}
-        assert all(isinstance(v, float) for v in out.values())
+        assert set(out) == {"nmi", "ami", "ari", "acc"} and all(isinstance(v, float) for v in out.values())
+        for key, ref in (("nmi", sk_nmi), ("ami", sk_ami), ("ari", sk_ari)):
+            assert out[key] == pytest.approx(ref(y_true, y_pred), abs=1e-6), key
+        k, c = len(set(y_pred.tolist())), len(set(y_true.tolist()))
+        if math.perm(max(k, c), min(k, c)) <= 5040:
+            assert out["acc"] == pytest.approx(_ref_acc(y_true, y_pred), abs=1e-12)
+            brute += 1
+    assert brute >= 9  # most cases reach the brute force
 
 
 def test_metrics_sparse_table_and_blocked_emi(monkeypatch):
