@@ -1764,10 +1764,21 @@ def test_progress_lines_every_interval_from_rank_0(monkeypatch, capsys):
     assert len(lines) == 4 and lines[3].startswith("features eval: 1,000 img in ") and lines[3].endswith(" | done well")
     assert len(asked) == 3  # the fields are worked out for a printed line only
     assert "\r" not in "".join(lines)
-    quiet = Progress("kNN", 10, every=3600)  # no line before its interval, and none beyond the total
-    for _ in range(10):
+    # the default interval, 20 s, on a clock of the test's own: 3 s an update, so one line at 21 s (7 done), none
+    # beyond the total, and close() returns the stage's seconds
+    import types
+    import progress
+    now = [100.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.delenv("PROGRESS_SECONDS", raising=False)
+    quiet = Progress("kNN", 10)
+    assert quiet.every == 20
+    for _ in range(12):
+        now[0] += 3
         quiet.update(1, info)
-    assert quiet.close() >= 0 and capsys.readouterr().out.startswith("kNN: 10 img in ") and len(asked) == 3
+    assert quiet.close() == 36.0 and len(asked) == 4
+    assert capsys.readouterr().out.splitlines() == ["kNN 7/10 img | loss 0.5 | 0.333 img/s | eta 0m09s",
+                                                    "kNN: 10 img in 36.0 s (0.278 img/s)"]
     monkeypatch.setenv("RANK", "1")  # under torchrun every process counts and rank 0 alone prints
     other = Progress("kNN", 10, every=0)
     other.update(5)
