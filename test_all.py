@@ -1573,6 +1573,44 @@ def test_twist_and_sela_refuse_a_queue(monkeypatch, capsys):
     assert dry_run(monkeypatch, capsys, "--dataset", "imagenet", "--method", "sela")["queue_len"] == 0
 
 
+class _Parsed(Exception):
+    """script_parser's stop: the parser a script was about to parse its command line with."""
+
+
+def script_parser(script):
+    """The argparse parser a script builds, caught at its parse_args (or parse_known_args) call, in this process:
+    the script runs up to that call and no further (train.py would train), so its flags are its parser's actions."""
+    import argparse
+    import runpy
+
+    def caught(self, *a, **k):
+        raise _Parsed(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_known_args", caught)  # parse_args calls it too
+        mp.setattr(sys, "argv", [script])
+        with pytest.raises(_Parsed) as got:
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    return got.value.args[0]
+
+
+def must_match_keys():
+    """train.py's MUST_MATCH as train.py builds it: the names of its tuple, read from its source, then the dests
+    of its parser's objective group."""
+    import ast
+    source = open(os.path.join(HERE, "train.py")).read()
+    [node] = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
+              and [getattr(t, "id", None) for t in n.targets] == ["MUST_MATCH"]]
+    names = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+    # built another way, the test would check another list: it says so instead
+    assert [ast.unparse(e) for e in node.value.elts if not isinstance(e, ast.Constant)] == [
+        "*(a.dest for a in flags._group_actions)"], "train.py builds MUST_MATCH another way: update must_match_keys"
+    [group] = [g for g in script_parser("train.py")._action_groups if g.title == "objective"]
+    return names + [a.dest for a in group._group_actions]
+
+
+MUST_MATCH_KEYS = must_match_keys()
+
+
 def copy_of(tiny_runs, tmp_path, method="self_classifier", name="run"):
     """A copy of a tiny run's folder, for a test to resume or break; and its checkpoint's bytes."""
     import shutil
@@ -1608,8 +1646,7 @@ def same_state(a_dir, b_dir):
 @slow
 @pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
-    import signal
-    import time
+    import re
     # 1,000 of the synthetic training images (--holdout keeps the other 4,000 out) in batches of 32:
     # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick
     flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "2", "--log_every", "5",
@@ -1621,10 +1658,21 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
                                          stdout=straight_log, stderr=subprocess.STDOUT)
     out = str(tmp_path / "killed")
     cmd = [PY, "train.py", *flags, "--out_dir", out, "--ckpt_minutes", "0.003"]
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists(f"{out}/ckpt.pt") and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # a few steps later: checkpoints are written every 0.18 s within epochs
+    with open(tmp_path / "killed.log", "w") as killed_log:
+        p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=killed_log,
+                             stderr=subprocess.STDOUT)
+    # the kill placed by the log, not by a sleep: at a step line (every 5th step) 5 to 25 steps into an epoch, once
+    # ckpt.pt holds a step inside an epoch (rank 0 saves every 0.18 s within one), however fast the machine runs
+    seen, ckpt = 0, f"{out}/ckpt.pt"
+    while True:
+        assert p.poll() is None, open(tmp_path / "killed.log").read()[-3000:]
+        steps = re.findall(r"^step (\d+)/", open(tmp_path / "killed.log").read(), re.M)
+        if steps and int(steps[-1]) != seen:
+            seen = int(steps[-1])
+            if 5 <= seen % steps_per_epoch <= 25 and os.path.exists(ckpt) and \
+                    torch.load(ckpt, weights_only=True)["step"] % steps_per_epoch:
+                break
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(f"{out}/ckpt.pt", weights_only=True)["step"]
@@ -1692,6 +1740,110 @@ def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_
     assert "class0_mass: checkpoint 1.0, now 3.0" in err and "Traceback" not in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert "resumed from" in log and json.load(open(f"{older}/args.json"))["class0_mass"] == 1.0
+
+
+def other_value(v):
+    # a stored setting of the same kind that differs from v (None: a flag the recipe left unset)
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v * 2 + 1
+    if isinstance(v, str):
+        return v + "_before"
+    if isinstance(v, list):
+        return v + v[-1:]
+    assert v is None, v
+    return 3
+
+
+@pytest.fixture(scope="module")
+def refused_for_every_key(tiny_runs, tmp_path_factory):
+    """The tiny Self-Classifier run resumed by its own command after every MUST_MATCH setting in its checkpoint
+    was changed, one launch for all: (the refusal's lines, {key: (checkpoint's value, command's value)}, ckpt.pt's
+    bytes before, after)."""
+    import shutil
+    out = str(tmp_path_factory.mktemp("refused_for_every_key") / "run")
+    shutil.copytree(tiny_runs["self_classifier"][1], out)
+    ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    values = {k: (other_value(ckpt["args"][k]), ckpt["args"][k]) for k in MUST_MATCH_KEYS}
+    ckpt["args"].update({k: old for k, (old, _) in values.items()})
+    torch.save(ckpt, f"{out}/ckpt.pt")
+    before = open(f"{out}/ckpt.pt", "rb").read()
+    [err] = fails([PY, "train.py", *TINY_RUN, "--out_dir", out])
+    return err.strip().splitlines(), values, before, open(f"{out}/ckpt.pt", "rb").read()
+
+
+def test_refused_resume_says_one_line_per_difference(refused_for_every_key):
+    lines, values, before, after = refused_for_every_key
+    assert len(MUST_MATCH_KEYS) >= 30 and {"optimizer", "batch_size", "precision", "seed", "dataset"} <= set(values)
+    assert lines[0].endswith("was trained with other settings; use another --out_dir or the same flags:")
+    assert len(lines) == 1 + len(MUST_MATCH_KEYS) and "Traceback" not in "\n".join(lines)  # nothing else said
+    assert after == before  # nothing written
+
+
+@pytest.mark.parametrize("key", MUST_MATCH_KEYS)
+def test_refused_resume_names_each_must_match_key(refused_for_every_key, key):
+    lines, values, _, _ = refused_for_every_key
+    old, now = values[key]
+    assert lines.count(f"  {key}: checkpoint {old!r}, now {now!r}") == 1, lines
+
+
+def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
+    # the job script's preemption signal through the real command line; every step logged, so that the step the
+    # run reached is the last one printed, and the signal comes at a step named by the log (mid-run, not by a sleep)
+    import re
+    out = str(tmp_path / "run")
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.Popen([PY, "train.py", *TINY_RUN, "--epochs", "50", "--eval_every", "0", "--out_dir", out],
+                             cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(tmp_path / "log", "step 3/100 ", p)
+        p.send_signal(signal.SIGUSR1)
+        p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = open(tmp_path / "log").read()
+    assert p.returncode == 75, text[-3000:]
+    [stopped_at] = map(int, re.findall(rf"stopped by SIGUSR1 after step (\d+)/100: saved {out}/ckpt.pt; the same "
+                                       rf"command resumes from this step \(exit status 75\)", text))
+    printed = [int(s) for s in re.findall(r"^step (\d+)/100 ", text, re.M)]
+    assert 3 <= stopped_at < 100 and printed == list(range(1, stopped_at + 1))  # no step after the one it saved
+    assert torch.load(f"{out}/ckpt.pt", weights_only=True)["step"] == stopped_at
+
+
+# a helper process: a save of a new state into ckpt.pt through model.save_atomically, whose writer writes the first
+# half of the bytes, says how many, and waits to be killed
+HALF_SAVE = """import io, sys, time, torch, model
+state = {"step": 99, "w": torch.arange(100000.0)}
+blob = io.BytesIO()
+torch.save(state, blob)
+def write(f):
+    f.write(blob.getvalue()[:len(blob.getvalue()) // 2])
+    f.flush()
+    print(len(blob.getvalue()) // 2, flush=True)
+    time.sleep(600)
+model.save_atomically(sys.argv[1], write)
+"""
+
+
+def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tiny_runs, tmp_path):
+    out, before = copy_of(tiny_runs, tmp_path)
+    p = subprocess.Popen([PY, "-c", HALF_SAVE, f"{out}/ckpt.pt"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        written = int(p.stdout.readline())
+        assert os.path.getsize(f"{out}/ckpt.pt.tmp") == written > 0  # between the first byte and the last
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert open(f"{out}/ckpt.pt", "rb").read() == before
+    assert torch.load(f"{out}/ckpt.pt", weights_only=True)["step"] == 2  # the previous state, whole
+    with pytest.raises(Exception):  # what the kill left is not a checkpoint, and is not in ckpt.pt's place
+        torch.load(f"{out}/ckpt.pt.tmp", weights_only=True)
 
 
 # -----------------------------------------------------------------------------
