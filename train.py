@@ -71,7 +71,8 @@ parser.add_argument("--mlp_out", type=int, default=None, help="embedding dimensi
 parser.add_argument("--cls_sizes", type=int, nargs="+", default=None, help="classes of each head; head 0 is evaluated "
                     "and names the classes. K unknown: give head 0 more classes than you expect (an over-split class "
                     "is easier to merge by eye than a mixed one) and extra heads of about 3K and 10K")
-# objective: every flag of this group is compared on resume (MUST_MATCH below), with no list to keep
+# objective: every flag of this group is compared on resume (MUST_MATCH below), with no list to keep;
+# the group ends at the line "# augmentation" (test_all.py adds a flag to the group just above it)
 flags = parser.add_argument_group("objective", "compared on resume: a checkpoint trained with other values is "
                                   "refused")
 flags.add_argument("--row_tau", type=float, default=0.1, help="temperature of the softmax over classes (SeLa: of its "
