@@ -1849,7 +1849,7 @@ def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
             p.wait()
     text = open(tmp_path / "log").read()
     assert p.returncode == 75, text[-3000:]
-    [stopped_at] = map(int, re.findall(rf"stopped by SIGUSR1 after step (\d+)/100: saved {out}/ckpt.pt; the same "
+    [stopped_at] = map(int, re.findall(rf"stopped by SIGUSR1 after step (\d+)/100: saved {re.escape(out)}/ckpt\.pt; the same "
                                        rf"command resumes from this step \(exit status 75\)", text))
     printed = [int(s) for s in re.findall(r"^step (\d+)/100 ", text, re.M)]
     assert 3 <= stopped_at < 100 and printed == list(range(1, stopped_at + 1))  # no step after the one it saved
