@@ -1838,7 +1838,8 @@ def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
     out = str(tmp_path / "run")
     with open(tmp_path / "log", "w") as log:
         p = subprocess.Popen([PY, "train.py", *TINY_RUN, "--epochs", "50", "--eval_every", "0", "--out_dir", out],
-                             cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                             stderr=subprocess.STDOUT)
     try:
         wait_for(tmp_path / "log", "step 3/100 ", p)
         p.send_signal(signal.SIGUSR1)
@@ -1849,8 +1850,8 @@ def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
             p.wait()
     text = open(tmp_path / "log").read()
     assert p.returncode == 75, text[-3000:]
-    [stopped_at] = map(int, re.findall(rf"stopped by SIGUSR1 after step (\d+)/100: saved {re.escape(out)}/ckpt\.pt; the same "
-                                       rf"command resumes from this step \(exit status 75\)", text))
+    said = rf"stopped by SIGUSR1 after step (\d+)/100: saved {re.escape(out)}/ckpt\.pt; the same command resumes "
+    [stopped_at] = map(int, re.findall(said + r"from this step \(exit status 75\)", text))
     printed = [int(s) for s in re.findall(r"^step (\d+)/100 ", text, re.M)]
     assert 3 <= stopped_at < 100 and printed == list(range(1, stopped_at + 1))  # no step after the one it saved
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["step"] == stopped_at
