@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -1342,7 +1343,6 @@ def log_records(out, kind):
 
 def printed_steps(log):
     """The log lines train.py printed, as the fields its log.jsonl step records hold."""
-    import re
     pattern = (r"step (\d+)/\d+ \| ep (\d+) \| loss (\S+) \| lr (\S+) \| \d+ ms/step \| ([\d,]+) img/s \| "
                r"classes (\d+)/\d+ \| balance (\S+) \|")
     return [dict(step=int(s), epoch=int(e), loss=loss, lr=lr, img_s=img_s, classes=int(c), balance=b)
@@ -1686,7 +1686,6 @@ def same_state(a_dir, b_dir):
 @slow
 @pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
-    import re
     # 1,000 of the synthetic training images (--holdout keeps the other 4,000 out) in batches of 32:
     # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick
     flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "2", "--log_every", "5",
@@ -1766,7 +1765,6 @@ def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_
     # changing the objective as the README says: a flag added to train.py's objective group, with no list to
     # edit. A resume with another value of it is refused; a checkpoint older than the flag resumes at its default.
     out, before = copy_of(tiny_runs, tmp_path)
-    import re
     source = open(os.path.join(HERE, "train.py")).read()
     # where: the line train.py names in its comment on the objective group, before which a flag joins the group
     [marker] = re.findall(r'^# objective: .*\n# .*the group ends at the line "(# [^"]+)"', source, re.M)
@@ -1834,7 +1832,6 @@ def test_refused_resume_names_each_must_match_key(refused_for_every_key, key):
 def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
     # the job script's preemption signal through the real command line; every step logged, so that the step the
     # run reached is the last one printed, and the signal comes at a step named by the log (mid-run, not by a sleep)
-    import re
     out = str(tmp_path / "run")
     with open(tmp_path / "log", "w") as log:
         p = subprocess.Popen([PY, "train.py", *TINY_RUN, "--epochs", "50", "--eval_every", "0", "--out_dir", out],
@@ -1985,17 +1982,88 @@ def test_progress_lines_every_interval_from_rank_0(monkeypatch, capsys):
     assert Progress("scan", 3, "files").every == 0
 
 
-def test_kmeans_an_iteration_at_a_time_is_scipys_kmeans2():
-    # the same clusters to the last sample, so metrics.json's k-means scores do not move
-    from scipy.cluster.vq import kmeans2
-    for n, d, k, seed in [(600, 16, 10, 0), (300, 4, 40, 1), (200, 1, 5, 2), (400, 8, 60, 3)]:
-        rng = np.random.default_rng(seed)
-        x = rng.normal(size=(n, d)) + rng.integers(0, 6, (n, 1))
-        _, expected = kmeans2(x, k, iter=50, minit="++", seed=seed)
-        calls = []
-        got = metrics.kmeans(x, k, iters=50, seed=seed, progress=calls.append)
-        np.testing.assert_array_equal(got, expected)
-        assert calls == [1] * 50
+def _fashion_mnist_test_pixels():
+    import gzip
+    root = "/usr/share/datasets/fashion-mnist"
+    if not os.path.exists(f"{root}/t10k-images-idx3-ubyte.gz"):
+        pytest.skip("no Fashion-MNIST files (apt-get install dataset-fashion-mnist)")
+    x = np.frombuffer(gzip.open(f"{root}/t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16).reshape(-1, 784)
+    y = np.frombuffer(gzip.open(f"{root}/t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+    return x / 255.0, y
+
+
+def _inertia(x, assign, k):
+    return float(((x - np.stack([x[assign == j].mean(0) for j in range(k)])[assign]) ** 2).sum())
+
+
+def test_kmeans_lloyd_from_the_same_start_is_scikit_learns():
+    # from scikit-learn's own k-means++ centres, our Lloyd iterations reach its partition and inertia (tol 0: to
+    # convergence, as ours), on digits and on clustered random data with more clusters than it has modes
+    from sklearn.cluster import KMeans, kmeans_plusplus
+    from sklearn.datasets import load_digits
+    rng = np.random.default_rng(0)
+    blobs = rng.normal(size=(500, 6)) + 4 * rng.integers(0, 4, (500, 1))
+    for x, k in [(load_digits().data / 16.0, 10), (blobs, 12)]:
+        for seed in range(3):
+            start, _ = kmeans_plusplus(x, k, random_state=seed)
+            ref = KMeans(k, init=start, n_init=1, tol=0).fit(x)
+            xt = torch.from_numpy(x)
+            assign, inertia, updates = metrics._lloyd(xt, torch.from_numpy(start), (xt * xt).sum(1), 300, 256)
+            assert ari(ref.labels_, assign.numpy()) == 1.0 and inertia == pytest.approx(ref.inertia_, rel=1e-9)
+            assert 1 <= updates <= 300
+
+
+def test_kmeans_restarts_keep_the_lowest_inertia_and_a_fixed_point():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 5)) + 3 * rng.integers(0, 5, (400, 1))
+    calls = []
+    got = metrics.kmeans(x, 8, n_init=6, seed=3, progress=lambda n, i, u: calls.append((n, i, u)))
+    np.testing.assert_array_equal(got, metrics.kmeans(x, 8, n_init=6, seed=3))  # deterministic for a seed
+    assert [c[0] for c in calls] == [1] * 6 and all(u >= 1 for _, _, u in calls)
+    inertias = [i for _, i, _ in calls]
+    assert _inertia(x, got, 8) == pytest.approx(min(inertias), rel=1e-9)
+    # the first start is n_init=1's with the same seed, so restarts never do worse than one start
+    assert inertias[0] == pytest.approx(_inertia(x, metrics.kmeans(x, 8, n_init=1, seed=3), 8), rel=1e-9)
+    # converged: every sample sits at its nearest centroid, and each centroid is its members' mean
+    centres = np.stack([x[got == j].mean(0) for j in range(8)])
+    np.testing.assert_array_equal(((x[:, None] - centres[None]) ** 2).sum(2).argmin(1), got)
+    # float32 and torch tensors in, the same kind of answer out
+    out32 = metrics.kmeans(torch.from_numpy(x).float(), 8, n_init=2, seed=0)
+    assert out32.shape == (400,) and out32.dtype == np.int64 and set(out32) == set(range(8))
+
+
+def test_kmeans_degenerate_input_and_bad_arguments():
+    x = np.repeat(np.eye(3), 4, axis=0)  # three distinct samples, k 5: no sampling weight left, two clusters empty
+    assign = metrics.kmeans(x, 5, n_init=2, seed=0)
+    assert assign.shape == (12,) and len(set(assign[::4])) == 3 and all(len(set(assign[i:i + 4])) == 1 for i in (0, 4, 8))
+    for bad in [dict(k=0), dict(k=13), dict(n_init=0), dict(max_iter=0)]:
+        with pytest.raises(ValueError, match="k-means needs"):
+            metrics.kmeans(x, **{"k": 3, **bad})
+    with pytest.raises(ValueError, match=r"\(N, D\) float"):
+        metrics.kmeans(np.arange(5), 2)
+
+
+def _kmeans_against_scikit_learn(x, y, seeds):
+    # mean ACC and NMI over seeds of ours (float32, as evaluate.py runs it) and of KMeans(10, n_init=10)
+    from sklearn.cluster import KMeans
+    ours = [cluster_metrics(y, metrics.kmeans(x.astype(np.float32), 10, seed=s)) for s in seeds]
+    ref = [cluster_metrics(y, KMeans(10, n_init=10, random_state=s).fit(x).labels_) for s in seeds]
+    return {m: (np.mean([o[m] for o in ours]), np.mean([r[m] for r in ref])) for m in ("acc", "nmi")}
+
+
+def test_kmeans_matches_scikit_learn_on_digits_pixels():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for m, (ours, ref) in _kmeans_against_scikit_learn(digits.data / 16.0, digits.target, range(5)).items():
+        assert abs(ours - ref) <= 0.01, (m, ours, ref)
+        assert ours >= 0.73, (m, ours)  # the field's digits number, not the one-start 0.71 +- 0.07
+
+
+@slow
+def test_kmeans_matches_scikit_learn_on_fashion_mnist_test_pixels():
+    x, y = _fashion_mnist_test_pixels()
+    for m, (ours, ref) in _kmeans_against_scikit_learn(x, y, range(5)).items():
+        assert abs(ours - ref) <= 0.01, (m, ours, ref)
 
 
 def test_knn_progress_counts_every_test_sample():
@@ -2041,7 +2109,6 @@ def test_curves_only_does_not_import_torch(tmp_path):
 
 def stage_lines(log, name):
     """The progress lines of a stage as (done, total), and its closing line."""
-    import re
     found = [(int(d.replace(",", "")), int(t.replace(",", ""))) for d, t in
              re.findall(rf"^{re.escape(name)} ([\d,]+)/([\d,]+) ", log, re.M)]
     closing = re.findall(rf"^{re.escape(name)}: [\d,]+ \w+ in .*$", log, re.M)
@@ -2067,7 +2134,6 @@ def test_every_long_stage_prints_its_progress_and_time(tmp_path):
     assert stage_lines(log, "features train")[0] == [(256 * i, 5000) for i in range(1, 20)]
     assert stage_lines(log, "kNN (k 10 20)")[0] == [(1000, 2000)]
     # the probe: 5 steps of 1,024 features an epoch, a line after each epoch with its loss and training accuracy
-    import re
     probe = re.findall(r"^linear probe (\d+)/15 steps \| ep (\d)/3 \| loss ([\d.]+) \| train acc ([\d.]+) \|", log, re.M)
     assert [(int(s), int(e)) for s, e, _, _ in probe] == [(5, 1), (10, 2)]
     assert all(0 < float(loss) < 10 and 0 <= float(acc) <= 1 for _, _, loss, acc in probe)
@@ -2246,7 +2312,6 @@ def test_readme_breaking_commands_run_after_the_quick_start_and_collapse_in_ever
     # order, from one folder; none refused (each its own --out_dir). Shortened by flags appended (width 8, one
     # epoch); the two collapse rows again at seed 1: plain cross-entropy between the views (--no_prior) and a
     # flat target (--col_tau 1.0) put every image in one class in every seed, and the log says so.
-    import re
     text = open(os.path.join(HERE, "README.md")).read()
     quick = next(argv for _, argv in readme_commands(text) if argv[:2] == ["python", "train.py"])
     steps = [argv for _, argv in readme_commands(readme_section(text, "Learn by breaking it"))]
@@ -2308,7 +2373,6 @@ def torchrun_worker(launcher_pid, rank):
 @slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, nproc):
-    import re
     import signal
     import time
     # the 31-step epochs of test_kill_and_resume_gives_the_same_weights; one epoch, signalled at step 10
@@ -2433,7 +2497,6 @@ def test_exit_process_keeps_the_status_and_output_and_ends_the_data_workers():
 @slow
 @pytest.mark.parametrize("victim", ["rank", "data_worker"])
 def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_processes, tmp_path, victim):
-    import re
     import signal
     import time
     out = str(tmp_path / "run")
@@ -3012,8 +3075,13 @@ def test_evaluate_folder_kmeans_on_raw_pixels_and_the_verdict(folder_run, monkey
     m = json.load(open(f"{out}/metrics.json"))
     # k-means on the pixels the network saw before normalisation: the pictures themselves (16-px crops of 16-px
     # pictures), clustered by the same k-means with the same seed
-    reference = cluster_metrics(labels, metrics.kmeans(images.reshape(len(images), -1) / 255.0, 10, seed=0))
+    # (float32, as the crops come), ten starts of k-means++, each start's line and the lowest inertia printed
+    pixels = torch.from_numpy(images.reshape(len(images), -1)).float() / 255
+    reference = cluster_metrics(labels, metrics.kmeans(pixels, 10, n_init=10, seed=0))
     assert {k: m[f"kmeans_pixels_{k}"] for k in reference} == pytest.approx(reference, abs=1e-9)
+    assert m["kmeans_pixels_starts"] == m["kmeans_starts"] == 10
+    assert "k-means pixels: 10 starts of k-means++, Lloyd's iterations to convergence" in printed
+    assert re.search(r"^k-means pixels: 10 starts in [0-9.]+ s .*\| lowest inertia [0-9.e+]+$", printed, re.M)
     assert m["kmeans_pixels_input"] == "120 of the 120 evaluation pictures, their 16-px center crops"
     # the verdict: head 0's score minus each baseline's, and one line where any is negative, naming it
     gaps = {f"{p}_{k}": round(m[k] - m[f"{p}_{k}"], 4) for p in ("kmeans", "kmeans_pixels") for k in ("acc", "nmi")}
@@ -3326,7 +3394,6 @@ def code_scopes(path):
 def doc_reference_errors(texts):
     """What is wrong with the references to this project's code in {document name: text}: symbols a file
     lacks, files that do not exist, and line numbers of this project's files."""
-    import re
     project = {f for f in os.listdir(HERE) if f.endswith(".py")}
     scopes, errors = {}, []
 
@@ -3359,7 +3426,6 @@ def doc_reference_errors(texts):
 
 
 def test_documents_name_symbols_that_exist():
-    import re
     texts = {d: open(os.path.join(HERE, d)).read() for d in REFERENCE_DOCS}
     assert doc_reference_errors(texts) == []
     assert len(re.findall(r"`\w+\.py: \w", texts["docs/fidelity.md"])) >= 30  # the parser sees the references
@@ -3381,7 +3447,6 @@ def test_documents_name_symbols_that_exist():
 
 def readme_commands(text):
     """(line, argv) of every command in the README's bash blocks; continuation lines joined, chains split."""
-    import re
     import shlex
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
@@ -3452,7 +3517,6 @@ def test_readme_commands_name_real_scripts_and_flags():
 def readme_quote_errors(text):
     """Fragments the README's "method in code" section quotes as the project's code but the named file lacks
     (whitespace aside): table cells `file.py`: `fragment`; ... and python blocks that open with # file.py."""
-    import re
     section = text.split("## The method in code")[1].split("\n## ")[0]
     quotes = []
     for row in re.findall(r"^\|.*\|$", section, flags=re.M):
