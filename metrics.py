@@ -332,13 +332,12 @@ def _kmeans_plus_plus(x, k, x2, gen, chunk):
         else:  # samples drawn with probability proportional to their squared distance to the nearest centre
             u = torch.rand(trials, generator=gen, device=x.device, dtype=x.dtype) * total
             cand = torch.searchsorted(closest.cumsum(0), u).clamp_(max=n - 1)
-        best = None
-        for s in range(0, n, chunk):  # each candidate's new total, summed over chunks of samples
-            d = torch.minimum(closest[s:s + chunk, None], _sq_distances(x[s:s + chunk], x[cand], x2[s:s + chunk]))
-            best = d.sum(0) if best is None else best + d.sum(0)
-        pick = int(cand[best.argmin()])
-        centres.append(pick)
-        closest = torch.minimum(closest, _sq_distances(x, x[pick:pick + 1], x2).squeeze(1))
+        # each candidate's nearest-centre distances, a chunk of samples at a time: one pass over x a centre
+        d = torch.cat([torch.minimum(closest[s:s + chunk, None], _sq_distances(x[s:s + chunk], x[cand], x2[s:s + chunk]))
+                       for s in range(0, n, chunk)])
+        best = d.sum(0).argmin()
+        centres.append(int(cand[best]))
+        closest = d[:, best].contiguous()
     return x[centres].clone()
 
 

@@ -4,6 +4,8 @@
     SLOW=1 python -m pytest -q test_all.py    # both tiers: adds the end-to-end runs marked @slow
 Workers for the distributed tests are this file run by torchrun: python test_all.py WORKER OUT_FILE.
 """
+import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -64,6 +66,27 @@ def side_by_side(*cmds, timeout=600, env=None, ok=True, cwd=HERE):
                 p.kill()
                 p.wait()
     return outs
+
+
+@contextlib.contextmanager
+def launched(cmd, log_path, env=None, group=False):
+    """cmd started from the repository folder, stdout and stderr into log_path, and killed on the way out if it still
+    runs: a failed check or a timeout leaves nothing running. group: a session of its own, killed as a group (what
+    torchrun starts goes with it)."""
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=group)
+    try:
+        yield p
+    finally:
+        if group:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def torchrun(*args, nproc=2):
@@ -1732,33 +1755,23 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
 
 def test_resume_with_other_settings_is_refused(tiny_runs, tmp_path):
     out, before = copy_of(tiny_runs, tmp_path)
-    # a checkpoint from before --precision existed trained in fp32 on a CPU: it resumes, never refused for it
+    # a checkpoint written before a setting existed is compared with that flag's default: one from before
+    # --precision, --no_prior and --col_tau (trained in fp32 on a CPU) is never refused for the first two, and is
+    # refused for a --col_tau other than the default it ran with (test_objective_flag_... resumes one)
     older, _ = copy_of(tiny_runs, tmp_path, name="older")
     ckpt = torch.load(f"{older}/ckpt.pt", weights_only=True)
-    del ckpt["args"]["precision"]
+    for k in ("precision", "no_prior", "col_tau"):
+        del ckpt["args"][k]
     torch.save(ckpt, f"{older}/ckpt.pt")
     err, err_older = fails([PY, "train.py", *TINY_RUN, "--out_dir", out, "--cls_sizes", "10", "30", "--arch", "resnet18",
                             "--crop_scale", "0.2", "1", "--row_tau", "0.2", "--no_prior"],
-                           [PY, "train.py", *TINY_RUN, "--out_dir", older, "--arch", "resnet18"])
+                           [PY, "train.py", *TINY_RUN, "--out_dir", older, "--arch", "resnet18", "--col_tau", "0.1"])
     assert "cls_sizes: checkpoint [10, 20], now [10, 30]" in err and "arch: checkpoint 'cnn', now 'resnet18'" in err
     assert "crop_scale: checkpoint [0.5, 1.0], now [0.2, 1.0]" in err
     assert "row_tau: checkpoint 0.1, now 0.2" in err and "no_prior: checkpoint False, now True" in err
     assert open(f"{out}/ckpt.pt", "rb").read() == before
-    assert "arch: checkpoint 'cnn'" in err_older and "precision" not in err_older
-
-
-def test_older_checkpoint_without_new_settings_resumes(tiny_runs, tmp_path):
-    # a checkpoint written before a setting existed is compared with that flag's default
-    outs = [copy_of(tiny_runs, tmp_path, name=name)[0] for name in ("refused", "resumed")]
-    for out in outs:
-        ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
-        for k in ("no_prior", "col_tau"):
-            del ckpt["args"][k]
-        torch.save(ckpt, f"{out}/ckpt.pt")
-    err, log = side_by_side([PY, "train.py", *TINY_RUN, "--epochs", "2", "--col_tau", "0.1", "--out_dir", outs[0]],
-                            [PY, "train.py", *TINY_RUN, "--epochs", "2", "--out_dir", outs[1]], ok=[False, True])
-    assert "col_tau: checkpoint 0.05, now 0.1" in err and "resumed from" in log
-    assert torch.load(f"{outs[1]}/ckpt.pt", weights_only=True)["epoch"] == 2
+    assert "arch: checkpoint 'cnn'" in err_older and "col_tau: checkpoint 0.05, now 0.1" in err_older
+    assert "precision" not in err_older and "no_prior" not in err_older
 
 
 def test_objective_flag_added_to_its_group_is_compared_on_resume(tiny_runs, tmp_path):
@@ -1833,18 +1846,11 @@ def test_sigusr1_stops_with_status_75_and_saves_the_step_it_reached(tmp_path):
     # the job script's preemption signal through the real command line; every step logged, so that the step the
     # run reached is the last one printed, and the signal comes at a step named by the log (mid-run, not by a sleep)
     out = str(tmp_path / "run")
-    with open(tmp_path / "log", "w") as log:
-        p = subprocess.Popen([PY, "train.py", *TINY_RUN, "--epochs", "50", "--eval_every", "0", "--out_dir", out],
-                             cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                             stderr=subprocess.STDOUT)
-    try:
+    cmd = [PY, "train.py", *TINY_RUN, "--epochs", "50", "--eval_every", "0", "--out_dir", out]
+    with launched(cmd, tmp_path / "log") as p:
         wait_for(tmp_path / "log", "step 3/100 ", p)
         p.send_signal(signal.SIGUSR1)
         p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     text = open(tmp_path / "log").read()
     assert p.returncode == 75, text[-3000:]
     said = rf"stopped by SIGUSR1 after step (\d+)/100: saved {re.escape(out)}/ckpt\.pt; the same command resumes "
@@ -1871,16 +1877,12 @@ model.save_atomically(sys.argv[1], write)
 
 def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tiny_runs, tmp_path):
     out, before = copy_of(tiny_runs, tmp_path)
-    p = subprocess.Popen([PY, "-c", HALF_SAVE, f"{out}/ckpt.pt"], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    try:
-        written = int(p.stdout.readline())
+    with launched([PY, "-c", HALF_SAVE, f"{out}/ckpt.pt"], tmp_path / "half.log") as p:
+        wait_for(tmp_path / "half.log", "\n", p)
+        written = int(open(tmp_path / "half.log").read())
         assert os.path.getsize(f"{out}/ckpt.pt.tmp") == written > 0  # between the first byte and the last
         p.send_signal(signal.SIGKILL)
         assert p.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     assert open(f"{out}/ckpt.pt", "rb").read() == before
     assert torch.load(f"{out}/ckpt.pt", weights_only=True)["step"] == 2  # the previous state, whole
     with pytest.raises(Exception):  # what the kill left is not a checkpoint, and is not in ckpt.pt's place
@@ -2157,17 +2159,32 @@ def fails(*cmds, timeout=300, env=None):
 
 
 def test_bad_batch_and_data_are_refused_with_numbers(tmp_path):
-    errs = fails(torchrun("train.py", *SMALL_RUN, "--batch_size", "127", "--out_dir", str(tmp_path / "a")),
-                 [PY, "train.py", *SMALL_RUN, "--batch_size", "8192", "--out_dir", str(tmp_path / "b")],
+    errs = fails([PY, "train.py", *SMALL_RUN, "--batch_size", "8192", "--out_dir", str(tmp_path / "b")],
                  [PY, "train.py", "--dataset", "imagenet", "--data_dir", str(tmp_path / "nowhere"), "--out_dir",
                   str(tmp_path / "c")],
                  [PY, "train.py", "--dataset", "fashion_mnist", "--data_dir", str(tmp_path), "--out_dir",
                   str(tmp_path / "d")])
-    assert "--batch_size 127 (global) does not divide by 2 processes" in errs[0]
-    assert "has 5,000 images, fewer than one global batch of 8192" in errs[1]
-    assert f"{tmp_path / 'nowhere' / 'train'}" in errs[2] and "ImageFolder layout" in errs[2]
-    assert "train-images-idx3-ubyte" in errs[3] and str(tmp_path) in errs[3]
-    assert not os.path.exists(tmp_path / "a" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt")
+    assert "has 5,000 images, fewer than one global batch of 8192" in errs[0]
+    assert f"{tmp_path / 'nowhere' / 'train'}" in errs[1] and "ImageFolder layout" in errs[1]
+    assert "train-images-idx3-ubyte" in errs[2] and str(tmp_path) in errs[2]
+    assert not os.path.exists(tmp_path / "b" / "ckpt.pt")
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused():
+    import recipes
+    flags = argparse.Namespace(batch_size=127, method="self_classifier", twist_bn_images=64)
+    with pytest.raises(SystemExit, match=r"^--batch_size 127 \(global\) does not divide by 2 processes$"):
+        recipes.check_processes(flags, 2, cuda=False)
+    recipes.check_processes(flags, 1, cuda=False)  # one process takes any batch
+    with pytest.raises(SystemExit, match="--twist_bn_images 64 is not a multiple of the 24 images per process"):
+        recipes.check_processes(argparse.Namespace(batch_size=48, method="twist", twist_bn_images=64), 2, cuda=True)
+
+
+@slow
+def test_a_batch_that_does_not_split_is_refused_under_torchrun(tmp_path):
+    [err] = fails(torchrun("train.py", *SMALL_RUN, "--batch_size", "127", "--out_dir", str(tmp_path / "a")))
+    assert "--batch_size 127 (global) does not divide by 2 processes" in err
+    assert not os.path.exists(tmp_path / "a" / "ckpt.pt")
 
 
 CNN_FOLDER_RUN = ("--dataset", "imagenet", "--arch", "cnn", "--width", "8", "--size", "32", "--n_local", "0",
@@ -2277,9 +2294,7 @@ def test_a_second_run_on_one_out_dir_is_refused_and_a_dead_holder_taken_over(tmp
         f.write('{"host": "node7", "pid": 4242, "since": "2026-01-02T03:04:05+00:00"}\n')
     flags = ("train.py", *SMALL_RUN, "--epochs", "100", "--out_dir", out)
     cmd = [PY, *flags] if launch == "python" else torchrun(*flags)
-    with open(tmp_path / "first.log", "w") as log:  # a session of its own: the kill below reaches torchrun's workers
-        first = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with launched(cmd, tmp_path / "first.log", group=True) as first:  # the kill at the end reaches torchrun's workers
         wait_for(f"{out}/log.jsonl", '"kind": "step"', first)
         assert "run.lock: taking over from host node7, process 4242, since 2026-01-02T03:04:05+00:00, which is gone" \
             in open(tmp_path / "first.log").read()
@@ -2290,9 +2305,6 @@ def test_a_second_run_on_one_out_dir_is_refused_and_a_dead_holder_taken_over(tmp
                f"another --out_dir" in err
         assert "step 1/" not in err and (launch == "torchrun" or "Traceback" not in err)  # torchrun adds its own
         assert first.poll() is None  # the first run goes on, untouched
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
 
 
 def test_nan_loss_stops_without_saving(tiny_runs, tmp_path):
@@ -2385,9 +2397,7 @@ def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, npro
                                          stdout=straight_log, stderr=subprocess.STDOUT)
     out = str(tmp_path / "stopped")
     cmd = [*launch, "train.py", *flags, "--out_dir", out]
-    with open(tmp_path / "stopped.log", "w") as log:
-        p = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with launched(cmd, tmp_path / "stopped.log") as p:
         while "step 10/31" not in open(tmp_path / "stopped.log").read():
             assert p.poll() is None, open(tmp_path / "stopped.log").read()[-3000:]
             time.sleep(0.05)
@@ -2400,9 +2410,6 @@ def test_sigterm_saves_the_step_and_resume_gives_the_same_weights(tmp_path, npro
                 pass
             time.sleep(0.02)
         seconds = time.time() - t0
-    finally:
-        if p.poll() is None:
-            p.kill()
     text = open(tmp_path / "stopped.log").read()
     # one process exits with train.py's status; torchrun reports 1 for any failed worker, and names the 75
     assert p.returncode == (75 if nproc == 1 else 1), text[-3000:]
@@ -2502,10 +2509,7 @@ def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_
     out = str(tmp_path / "run")
     cmd = torchrun("--max_restarts", "1", "train.py", *RESTART_RUN, "--workers", "1" if victim == "data_worker" else "0",
                    "--ckpt_minutes", "0.003", "--out_dir", out)
-    with open(tmp_path / "log", "w") as log:
-        p = subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                             stderr=subprocess.STDOUT)
-    try:
+    with launched(cmd, tmp_path / "log") as p:
         while not os.path.exists(f"{out}/ckpt.pt"):
             assert p.poll() is None, open(tmp_path / "log").read()[-3000:]
             time.sleep(0.05)
@@ -2518,10 +2522,6 @@ def test_sigkill_costs_one_restart_and_gives_the_same_weights(uninterrupted_two_
         for pid in [target] if victim == "rank" else target:
             os.kill(pid, signal.SIGKILL)
         p.wait(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     text = open(tmp_path / "log").read()
     assert p.returncode == 0, text[-3000:]  # with --max_restarts 1: the first restart went through
     [resumed_at] = map(int, re.findall(r"resumed from .* at epoch 0, step (\d+)", text))
@@ -2558,11 +2558,8 @@ def test_a_peer_that_stops_answering_stops_the_job_within_dist_timeout(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     cmd = [PY, "train.py", *RESTART_RUN, "--dist_timeout", "0.2", "--out_dir", str(tmp_path / "run")]
     logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
-    procs = []
-    for r, path in enumerate(logs):
-        with open(path, "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=HERE, env={**env, "RANK": str(r)}, stdout=log, stderr=subprocess.STDOUT))
-    try:
+    with contextlib.ExitStack() as started:
+        procs = [started.enter_context(launched(cmd, path, env={**env, "RANK": str(r)})) for r, path in enumerate(logs)]
         while "step 5/31" not in open(logs[0]).read():
             assert procs[0].poll() is None, open(logs[0]).read()[-3000:]
             time.sleep(0.05)
@@ -2570,11 +2567,6 @@ def test_a_peer_that_stops_answering_stops_the_job_within_dist_timeout(tmp_path)
         t0 = time.time()
         procs[0].wait(timeout=120)
         seconds = time.time() - t0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     text = open(logs[0]).read()
     assert procs[0].returncode == 1, text[-3000:]
     # --dist_timeout 0.2 min, and not much more: measured 16 s on 2 loaded cores, the 12 s wait and 4 s beyond it,
