@@ -38,6 +38,10 @@ parser.add_argument("--no_kmeans", action="store_true", help="skip the k-means b
 parser.add_argument("--kmeans_init", type=int, default=None, help="k-means++ starts of each k-means baseline, "
                     "the lowest inertia kept (default 10, scikit-learn's n_init, as clustering papers run it; on a CPU "
                     "fewer where samples x dims x classes x 10 passes 1e11, as ImageNet's does, and said)")
+parser.add_argument("--estimate_k", type=int, nargs=2, metavar=("LO", "HI"), default=None, help="estimate the "
+                    "number of classes, from LO to HI, in the backbone features of the evaluation split (at most "
+                    "10,000 at random): k_estimate in metrics.json, k_estimate.png and the training command that "
+                    "uses it. A folder without labels gets 2 to twice head 0's size (at least 20) unasked")
 parser.add_argument("--skip_unreadable", action="store_true", help="folder: score without the files that cannot be "
                     "decoded now, naming them (default: name them and stop). Those training skipped, listed in "
                     "skipped.txt beside --ckpt, are left out either way")
@@ -60,6 +64,8 @@ parser.add_argument("--holdout", type=int, default=None, help="score on the vali
                     "images (default: the checkpoint's --holdout; 0 = the test set)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+if args.estimate_k and not 2 <= args.estimate_k[0] <= args.estimate_k[1]:
+    parser.error(f"--estimate_k LO HI needs 2 <= LO <= HI, got {args.estimate_k[0]} {args.estimate_k[1]}")
 if args.kmeans_init is not None and args.kmeans_init < 1:
     parser.error(f"--kmeans_init must be at least 1, got {args.kmeans_init}")
 
@@ -211,6 +217,7 @@ class Flagged(torch.utils.data.Dataset):
 # on a CPU core (docs/experiments.md, "evaluate.py on your own folder"), where ImageNet's 50,000 crops of 224 px with
 # 1,000 classes would take days an iteration
 PIXEL_MAX, PIXEL_WORK = 10_000, 10 ** 8
+K_SAMPLE = 10_000  # features --estimate_k reads at most: under a minute on 2 cores (docs/experiments.md)
 KMEANS_CPU_WORK = 10 ** 11  # samples x dims x classes x starts: ImageNet's 50,000 x 2,048 x 1,000 x 1 on a CPU
 
 
@@ -405,6 +412,25 @@ def kmeans_scores(x, y, prefix):
     return {f"{prefix}_{k}": v for k, v in metrics.cluster_metrics(y, assign).items()} | {f"{prefix}_starts": starts}
 
 
+def estimate_classes(f, lo, hi):
+    """The number of classes in lo..hi that k-means finds again in these features, in clusters that stand apart
+    (metrics.py: k_criteria, estimate_k; docs/experiments.md, "how many classes"), at most K_SAMPLE of them at
+    random (seed 0): the results' fields, the criteria, and the line that suggests a training command."""
+    pick = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:K_SAMPLE].to(f.device)
+    x = F.normalize(f[pick].float(), dim=1)
+    hi = min(hi, len(x) - 1)
+    progress = Progress(f"number of classes ({lo}-{hi}, {len(x):,} pictures)", hi - lo + 1, "K")
+    criteria = metrics.k_criteria(x, lo, hi, progress=progress.update)
+    k = metrics.estimate_k(criteria)
+    stage_seconds["k_estimate"] = round(progress.close(f"estimate {k}"), 2)
+    command = f"python train.py --dataset {dataset_name}" + (f" --data_dir {data_dir}" if dataset_name == "folder" else "")
+    line = (f"the pictures fall into about {k} classes (of {lo}-{hi}, the number k-means finds again in clusters that "
+            f"stand apart; head 0 was trained with {head_size or 'none'}): {command} --cls_sizes {k} {3 * k} {10 * k} "
+            f"--out_dir OUT")
+    curve = {str(c): [round(a, 4), round(s, 4)] for c, (a, s) in criteria.items()}
+    return dict(k_estimate=k, k_estimate_range=[lo, hi], k_estimate_curve=curve), criteria, line
+
+
 def verdict(results, head_on_pixels, subset):
     """Head 0 against k-means on its own features and on raw pixels (head_on_pixels: its scores on the pictures
     that k-means on pixels saw): {baseline: head 0's score minus the baseline's}, and where head 0 is below any, a
@@ -519,6 +545,10 @@ if not args.no_kmeans and master:
     if heads:
         results["head0_minus_kmeans"], line = verdict(results, head_on_pixels, subset)
         results["verdict"] = line or "head 0 scores at or above k-means on raw pixels and on its own features"
+k_range = args.estimate_k or ((2, max(20, 2 * (head_size or 10))) if dataset_name == "folder" and not labelled else None)
+if k_range and master:
+    fields, k_curve, k_line = estimate_classes(eval_f, *k_range)
+    results.update(fields)
 results["seconds"] = round(time.time() - t0, 1)
 results["stage_seconds"] = stage_seconds
 
@@ -531,7 +561,7 @@ if master:
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     for k, v in results.items():
-        if k != "verdict":
+        if k != "verdict" and not k.startswith("k_estimate_"):
             print(f"{k:>20}  {v:.4f}" if isinstance(v, float) else f"{k:>20}  {v}")
     if heads:
         conf = F.softmax(eval_logits / train_args["row_tau"], dim=1).max(1).values.cpu().numpy()
@@ -552,7 +582,15 @@ if master:
         log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "log.jsonl")
         if os.path.exists(log_path):
             figures.plot_curves(log_path, os.path.join(out_dir, "curves.png"), head_size)
+    if k_range and not args.no_figures:
+        import matplotlib
+        matplotlib.use("Agg")
+        figures.plot_k_estimate(k_curve, results["k_estimate"], os.path.join(out_dir, "k_estimate.png"), head_size,
+                                len(np.unique(y)) if labelled else None)
+        print(f"wrote {os.path.join(out_dir, 'k_estimate.png')}")
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
+    if k_range:
+        print(k_line)
     if results.get("verdict", "").startswith("head 0 scores below"):
         print(results["verdict"])
 if ddp:

@@ -76,6 +76,28 @@ def plot_curves(log_path, path, num_classes=None):
     return save(fig, path)
 
 
+def plot_k_estimate(criteria, k, path, head_size=None, true_k=None):
+    """evaluate.py --estimate_k's criteria over the number of classes K ({K: (agreement, silhouette)}): the
+    agreement of k-means starts, the silhouette, and their product, whose highest point is the estimate; where
+    known, the head the checkpoint was trained with and the number of true classes."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ks = sorted(criteria)
+    for i, label in ((0, "agreement of k-means starts (ARI)"), (1, "silhouette")):
+        ax.plot(ks, [criteria[c][i] for c in ks], marker="o", ms=3, lw=1, label=label)
+    ax.plot(ks, [criteria[c][0] * criteria[c][1] for c in ks], marker="o", ms=4, color="black", label="product")
+    ax.axvline(k, color="tab:red", lw=1, label=f"estimate: {k}")
+    if head_size:
+        ax.axvline(head_size, color="tab:gray", ls=":", lw=1, label=f"head 0 trained with {head_size}")
+    if true_k:
+        ax.axvline(true_k, color="tab:green", ls="--", lw=1, label=f"true classes: {true_k}")
+    ax.set_xlabel("number of classes K")
+    ax.set_ylim(min(0, min(min(v) for v in criteria.values())), 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def save(fig, path, dpi=110):
     import matplotlib.pyplot as plt
     fig.savefig(path, dpi=dpi)

@@ -384,3 +384,59 @@ def kmeans(x, k, n_init=10, max_iter=300, seed=0, progress=None, chunk=None):
         if progress:
             progress(1, inertia, updates)
     return best.cpu().numpy()
+
+
+def silhouette(x, labels, chunk=2048):
+    """The mean silhouette (Rousseeuw, 1987) with Euclidean distances, as scikit-learn's silhouette_score: per
+    sample, a = its mean distance to the rest of its cluster, b = the lowest mean distance to another cluster,
+    (b - a) / max(a, b), and 0 for a sample alone in its cluster. x: (N, D) array or tensor; a float out."""
+    x = torch.as_tensor(x)
+    _, inv = np.unique(_as_labels(labels, "labels"), return_inverse=True)
+    inv = torch.from_numpy(inv).to(x.device)
+    if not 2 <= int(inv.max()) + 1 < len(x):
+        raise ValueError(f"a silhouette needs 2 to N - 1 clusters, got {int(inv.max()) + 1} for {len(x)} samples")
+    onehot = torch.nn.functional.one_hot(inv).to(x.dtype)  # (N, k)
+    counts = onehot.sum(0)
+    x2 = (x * x).sum(1)
+    sums = torch.cat([_sq_distances(x[s:s + chunk], x, x2[s:s + chunk]).sqrt_() @ onehot for s in range(0, len(x), chunk)])
+    rows = torch.arange(len(x), device=x.device)
+    own = counts[inv]
+    a = sums[rows, inv] / (own - 1).clamp(min=1)
+    mean = sums / counts
+    mean[rows, inv] = math.inf
+    b = mean.min(1).values
+    score = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp(min=1e-30), torch.zeros_like(a))
+    return float(score.mean())
+
+
+def k_criteria(x, lo, hi, starts=10, seed=0, sample=2000, progress=None):
+    """What k-means says of each number of clusters K in lo..hi: (agreement, silhouette). Agreement: how well k-means
+    finds the same partition again, the mean ARI over the pairs of `starts` single k-means++ starts (seeds seed,
+    seed + 1, ...): groups really in the data come back whatever the start, a K that cuts one in two cuts it anew
+    each time. Silhouette: how compact and apart the clusters of the start of lowest inertia are, on `sample`
+    samples at random (seed 0; all where fewer). x: (N, D) array or tensor. progress: called with 1 after each K."""
+    x = torch.as_tensor(x)
+    if not 2 <= lo <= hi < len(x) or starts < 2:
+        raise ValueError(f"the number of classes needs 2 <= LO <= HI < {len(x):,} samples and 2 starts or more; "
+                         f"got LO {lo}, HI {hi}, starts {starts}")
+    few = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:sample].numpy()
+    out = {}
+    for k in range(lo, hi + 1):
+        runs = []
+        for s in range(starts):
+            inertia = []
+            runs.append((kmeans(x, k, n_init=1, seed=seed + s, progress=lambda n, i, u: inertia.append(i)), inertia[0]))
+        parts = [a for a, _ in runs]
+        agreement = float(np.mean([ari(a, b) for i, a in enumerate(parts) for b in parts[i + 1:]]))
+        best = min(runs, key=lambda r: r[1])[0][few]
+        out[k] = (agreement, silhouette(x[torch.from_numpy(few).to(x.device)], best) if len(set(best)) > 1 else -1.0)
+        if progress:
+            progress(1)
+    return out
+
+
+def estimate_k(criteria):
+    """The number of classes from k_criteria's {K: (agreement, silhouette)}: the K of the highest product, a partition
+    k-means finds again whose clusters stand apart (docs/experiments.md, "how many classes"; fewer classes on a tie)."""
+    score = {k: a * s for k, (a, s) in criteria.items()}
+    return max(sorted(score), key=score.get)

@@ -2068,6 +2068,52 @@ def test_kmeans_matches_scikit_learn_on_fashion_mnist_test_pixels():
         assert abs(ours - ref) <= 0.01, (m, ours, ref)
 
 
+def blobs(sizes, dims=16, spread=0.05, seed=0):
+    """Well-separated groups of the given sizes: points on the unit sphere around orthogonal centres in random
+    directions (each pair as far apart as the next), (x, labels)."""
+    rng = np.random.default_rng(seed)
+    centres = np.linalg.qr(rng.normal(size=(dims, dims)))[0][:len(sizes)]
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    x = centres[y] + spread * rng.normal(size=(len(y), dims))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+@pytest.mark.parametrize("sizes", [[60] * 3, [40] * 7, [30, 60, 90, 120, 30], [25] * 12], ids=lambda s: f"{len(s)}")
+def test_k_estimate_is_exact_on_well_separated_groups(sizes):
+    x, y = blobs(sizes, seed=len(sizes))
+    calls = []
+    criteria = metrics.k_criteria(x, 2, 16, progress=calls.append)
+    assert sorted(criteria) == list(range(2, 17)) and calls == [1] * 15
+    assert metrics.estimate_k(criteria) == len(sizes), criteria
+    agreement, sil = criteria[len(sizes)]
+    assert agreement == pytest.approx(1.0)  # every start finds the groups
+    assert sil == pytest.approx(metrics.silhouette(x, y))  # and those are the groups
+
+
+def test_silhouette_is_scikit_learns():
+    from sklearn.metrics import silhouette_score
+    rng = np.random.default_rng(0)
+    for n, k in [(300, 5), (500, 30), (50, 2)]:
+        x = rng.normal(size=(n, 8)) + rng.integers(0, 4, (n, 1))
+        labels = rng.integers(0, k, n)
+        labels[0] = 99  # a cluster of one sample scores 0, and labels need not be 0..k-1
+        assert metrics.silhouette(x, labels) == pytest.approx(silhouette_score(x, labels), abs=1e-9)
+        assert metrics.silhouette(torch.from_numpy(x).float(), labels) == pytest.approx(silhouette_score(x, labels),
+                                                                                        abs=1e-5)
+    with pytest.raises(ValueError, match="a silhouette needs 2 to N - 1 clusters, got 1 for 4 samples"):
+        metrics.silhouette(np.eye(4), [0, 0, 0, 0])
+
+
+def test_k_estimate_rule_and_bad_ranges():
+    # the highest product of agreement and silhouette, the fewer classes on a tie
+    assert metrics.estimate_k({2: (1.0, 0.2), 3: (0.9, 0.5), 4: (0.5, 0.95), 5: (0.99, 0.3)}) == 4
+    assert metrics.estimate_k({6: (1.0, 0.5), 3: (0.5, 1.0), 4: (0.25, 1.0)}) == 3
+    x, _ = blobs([20] * 3)
+    for lo, hi, starts in [(1, 5, 6), (5, 4, 6), (2, 60, 6), (2, 5, 1)]:
+        with pytest.raises(ValueError, match="number of classes needs 2 <= LO <= HI < 60 samples"):
+            metrics.k_criteria(x, lo, hi, starts=starts)
+
+
 def test_knn_progress_counts_every_test_sample():
     rng = np.random.default_rng(0)
     train_f, test_f = torch.from_numpy(rng.normal(size=(300, 8))), torch.from_numpy(rng.normal(size=(150, 8)))
@@ -3149,6 +3195,24 @@ def test_evaluate_folder_command_lines_refuse_a_bad_file_and_skip_it_on_one_and_
     keys = ["nmi", "acc"] + [f"{p}_{k}" for p in ("kmeans", "kmeans_pixels") for k in ("nmi", "ami", "ari", "acc")]
     assert one["num_eval"] == two["num_eval"] == 119 and one["verdict"] == two["verdict"]
     assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-9)
+
+
+def test_evaluate_estimate_k_writes_the_estimate_the_curve_and_the_command(folder_run, monkeypatch, capsys):
+    out, flags, (root, _, _) = folder_run
+    flags = [f for f in flags if f != "--no_figures"]
+    printed = evaluate_here(monkeypatch, capsys, *flags, "--no_kmeans", "--estimate_k", "2", "9")
+    m = json.load(open(f"{out}/metrics.json"))
+    assert m["k_estimate_range"] == [2, 9] and list(m["k_estimate_curve"]) == [str(k) for k in range(2, 10)]
+    curve = {int(k): v for k, v in m["k_estimate_curve"].items()}
+    assert m["k_estimate"] == metrics.estimate_k(curve)  # the rule, on the criteria it wrote (rounded to 1e-4)
+    assert all(len(v) == 2 and -1 <= v[0] <= 1 and -1 <= v[1] <= 1 for v in curve.values())
+    assert os.path.getsize(f"{out}/k_estimate.png") > 0 and "stage_seconds" in m and "k_estimate" in m["stage_seconds"]
+    k = m["k_estimate"]
+    assert (f"the pictures fall into about {k} classes (of 2-9, the number k-means finds again in clusters that stand "
+            f"apart; head 0 was trained with 10): python train.py --dataset folder --data_dir {root} --cls_sizes {k} "
+            f"{3 * k} {10 * k} --out_dir OUT") in printed
+    assert evaluate_here(monkeypatch, capsys, *flags, "--estimate_k", "5", "3") == "error: 2"
+    assert "--estimate_k LO HI needs 2 <= LO <= HI, got 5 3" in capsys.readouterr().err
 
 
 @slow
