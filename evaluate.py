@@ -395,6 +395,9 @@ def kmeans_scores(x, y, prefix):
     # k-means with restarts, k = number of classes, on the device x lives on, scored with the clustering metrics.
     # A CPU gets fewer starts where ten would take hours (docs/experiments.md, "k-means with restarts")
     name = prefix.replace("_", " ").replace("kmeans", "k-means")
+    if len(x) < num_classes:
+        print0(f"{name}: skipped, {num_classes:,} classes for {len(x):,} pictures")
+        return {}
     starts, why = args.kmeans_init or 10, ""
     work = x.shape[0] * x.shape[1] * num_classes
     if args.kmeans_init is None and x.device.type == "cpu" and work * starts > KMEANS_CPU_WORK:

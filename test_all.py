@@ -662,8 +662,10 @@ def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, au
     assert "nn_queue (a pickled utils.NNQueue, neither imported nor run)" in printed
     m = json.load(open(tmp_path / "sc" / "metrics.json"))
     expected = {"nmi", "ami", "ari", "acc", "knn_top1", "knn_top1_k10", "knn_top1_k20", "linear_top1",
-                "linear_top1_fast", "kmeans_nmi", "kmeans_ami", "kmeans_ari", "kmeans_acc"}
+                "linear_top1_fast"}
     assert expected <= set(m) and m["epoch"] == 800 and m["precision"] == "fp32" and m["num_eval"] == 12, m
+    # k-means with ImageNet's 1,000 classes on 12 pictures cannot run, and says so
+    assert "k-means: skipped, 1,000 classes for 12 pictures" in printed and "kmeans_acc" not in m
     assert len(m["class_sizes"]) == 1000 and os.path.exists(tmp_path / "sc" / "examples.png")
     # head 0's predictions are the independent network's on the same center crops, in float32
     net, mlp, heads, _ = authors_network
@@ -676,10 +678,13 @@ def test_evaluate_scores_published_networks_on_a_jpeg_folder(authors_network, au
     assert cluster_metrics(saved["label"], want) == pytest.approx({k: m[k] for k in ("nmi", "ami", "ari", "acc")})
     # a backbone alone (TWIST's "backbone only"): kNN, the probe and k-means, no head to score; bf16 on request
     torch.save(net.state_dict(), tmp_path / "twist_r50.pth")
-    run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"), "--bf16",
-         *flags])
+    # and the number of classes of a user's pictures seen through it (--estimate_k on a published backbone)
+    printed = run([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth"), "--out_dir", str(tmp_path / "twist"),
+                   "--bf16", "--estimate_k", "2", "5", *flags])
     m = json.load(open(tmp_path / "twist" / "metrics.json"))
-    assert {"knn_top1", "linear_top1", "kmeans_acc"} <= set(m) and "nmi" not in m and "class_sizes" not in m
+    assert {"knn_top1", "linear_top1"} <= set(m) and "nmi" not in m and "class_sizes" not in m
+    assert 2 <= m["k_estimate"] <= 5 and os.path.isfile(tmp_path / "twist" / "k_estimate.png")
+    assert f"head 0 was trained with none): python train.py --dataset imagenet --cls_sizes {m['k_estimate']} " in printed
     assert m["precision"] == "bf16"
     assert not os.path.exists(tmp_path / "twist" / "predictions.npz")
     [err] = fails([PY, "evaluate.py", "--ckpt", str(tmp_path / "twist_r50.pth")])
@@ -2757,9 +2762,13 @@ def test_unlabelled_folder_gives_clusters_and_pictures_not_metrics(tmp_path):
     log = run([PY, "train.py", "--dataset", "folder", "--data_dir", root, *FOLDER_SHORT, "--epochs", "1",
                "--cls_sizes", "30", "--out_dir", out], env={"OMP_NUM_THREADS": "1"})
     assert "classes: none (unlabelled)" in log
-    run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0"], env={"OMP_NUM_THREADS": "1"})
+    printed = run([PY, "evaluate.py", "--ckpt", f"{out}/ckpt.pt", "--workers", "0"], env={"OMP_NUM_THREADS": "1"})
     m = json.load(open(f"{out}/metrics.json"))
     assert not {"nmi", "ami", "ari", "acc", "knn_top1", "linear_top1", "kmeans_acc"} & set(m), m
+    # without labels, the number of classes is estimated unasked, over 2 to twice head 0's 30, and suggested
+    assert m["k_estimate_range"] == [2, 60] and 2 <= m["k_estimate"] <= 60 and os.path.isfile(f"{out}/k_estimate.png")
+    assert f"the pictures fall into about {m['k_estimate']} classes (of 2-60, " in printed
+    assert f"--cls_sizes {m['k_estimate']} {3 * m['k_estimate']} {10 * m['k_estimate']} --out_dir OUT" in printed
     # the in-training evaluation (the folder recipe's every 10th epoch and the last) has no label to score by
     [record] = log_records(out, "eval")
     assert not {"nmi", "ami", "ari", "acc"} & set(record) and record["num_eval"] == 512
