@@ -155,17 +155,7 @@ if dataset_name == "cifar100" and args.superclasses:
         raise SystemExit("--superclasses scores head 0 against 20 classes: train with --cls_sizes 20 ...")
 
 
-def training_skipped():
-    """The files training left out as unreadable: skipped.txt beside --ckpt, a line `path<TAB>reason` per file
-    (older runs: the path alone), the path relative to the folder training read."""
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "skipped.txt")
-    if not os.path.isfile(path):
-        return path, set()
-    with open(path) as f:
-        return path, {line.rstrip("\n").split("\t")[0] for line in f if line.strip()}
-
-
-skipped_path, skipped = training_skipped() if dataset_name == "folder" else (None, set())
+skipped_path, skipped = folder.training_skipped(args.ckpt) if dataset_name == "folder" else (None, set())
 unreadable = set()  # full paths of the files a pass of this run could not decode (--skip_unreadable): left out after
 
 

@@ -470,3 +470,14 @@ class Preparation:
             os.makedirs(self.args.out_dir, exist_ok=True)
             with open(os.path.join(self.args.out_dir, "skipped.txt"), "w") as f:
                 f.writelines(f"{path.replace(os.sep, '/')}\t{reason}\n" for path, reason in self.lines)
+
+
+def training_skipped(ckpt):
+    """The files a run left out as unreadable: OUT/skipped.txt beside its checkpoint (Preparation.keep writes it), a
+    line `path<TAB>reason` per file (older runs: the path alone), each relative to the folder training read.
+    (its path, {those paths}) out."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "skipped.txt")
+    if not os.path.isfile(path):
+        return path, set()
+    with open(path) as f:
+        return path, {line.rstrip("\n").split("\t")[0] for line in f if line.strip()}

@@ -2191,8 +2191,9 @@ def test_every_long_stage_prints_its_progress_and_time(tmp_path):
     assert [(int(s), int(e)) for s, e, _, _ in probe] == [(5, 1), (10, 2)]
     assert all(0 < float(loss) < 10 and 0 <= float(acc) <= 1 for _, _, loss, acc in probe)
     assert re.search(r"^linear probe: 15 steps in .* \| loss [\d.]+ \| train acc [\d.]+$", log, re.M)
-    assert stage_lines(log, "k-means")[0] == [(i, 50) for i in range(1, 50)]
-    assert stage_lines(log, "k-means pixels")[0] == [(i, 50) for i in range(1, 50)]
+    # k-means: a line after each of its ten starts but the last, with that start's inertia and updates
+    assert stage_lines(log, "k-means")[0] == stage_lines(log, "k-means pixels")[0] == [(i, 10) for i in range(1, 10)]
+    assert len(re.findall(r"^k-means (pixels )?\d/10 starts \| inertia [\d.e+]+ after \d+ updates \|", log, re.M)) == 18
     for name in ("features eval", "features train", "kNN (k 10 20)", "linear probe", "k-means", "k-means pixels"):
         assert len(stage_lines(log, name)[1]) == 1, name
     stages = m["stage_seconds"]
