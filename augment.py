@@ -24,7 +24,8 @@ def _mul32(x, c):
 
 
 def _mix32(x):
-    # an invertible 32-bit integer hash with full avalanche (C. Wellons' "lowbias32")
+    # an invertible 32-bit integer hash in which each input bit flips each output bit about half the time
+    # (C. Wellons' "lowbias32")
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)

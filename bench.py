@@ -213,7 +213,7 @@ def bench_device_augment(geometric, batch=256):
         value.backward()
         opt.step()
 
-    t0 = None
+    t0 = None  # the mean over a stream of steps, not a median: a stall waiting for the workers counts
     for i, (views, _, idx) in enumerate(loader):  # train.py's hand-off, then the step
         views = [c.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for c in views]
         step(mc.photometric(views, idx, 0, 0))

@@ -915,15 +915,16 @@ def reference_photometric(x, p, mean, std):
     return torch.stack(out)
 
 
-def test_augment_apply_is_the_composition_in_each_rows_order():
+@pytest.mark.parametrize("chans", [3, 1])
+def test_augment_apply_is_the_composition_in_each_rows_order(chans):
     # 64 rows of a batch, each with its own draws (order of the four jitter operations included), equal the
     # torchvision composition image by image to 1e-4 after normalisation (1e-5 before, over std ~0.25)
-    x = (augment_images(64, h=24, w=24) * 255).round().to(torch.uint8)
+    x = (augment_images(64, chans, h=24, w=24) * 255).round().to(torch.uint8)
     index = torch.arange(64) * 7 + 3
     p = augment.draw(1, 2, index, torch.ones(64, dtype=torch.long), torch.full((64,), 0.5), torch.full((64,), 0.5))
     assert len({tuple(o) for o in p["order"][p["jitter"]].tolist()}) >= 12  # many orders in one batch
     assert 10 < int(p["blur"].sum()) < 54 and 10 < int(p["solarize"].sum()) < 54
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if chans == 3 else ((0.3,), (0.3,))
     ours = augment.apply(x, p, mean, std)
     assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=torch.channels_last)
     assert (ours - reference_photometric(x, p, mean, std)).abs().max() < 1e-4
@@ -1000,6 +1001,9 @@ def test_augment_draws_depend_on_seed_epoch_index_and_view_alone():
     for other in (augment.uniforms(8, 2, index, view), augment.uniforms(7, 3, index, view),
                   augment.uniforms(7 + 2 ** 32, 2, index, view)):
         assert not (other == u).any(dim=1).all()
+    # --no_flip: never a flip
+    one = torch.zeros(500, dtype=torch.long)
+    assert not augment.draw(0, 0, torch.arange(500), one, one.float(), one.float(), flip=False)["flip"].any()
 
 
 def test_device_augment_workers_return_uint8_crops_and_photometric_normalises_them():
