@@ -152,12 +152,93 @@ def bench_data(n_images=24):
         torch.set_num_threads(1)  # one data worker process: one thread
         ours = data.build_dataset("imagenet", root, "train", data.train_transform("imagenet", n_local=6))
         ref = data.build_dataset("imagenet", root, "train", reference_multicrop())
+        geometric = data.build_dataset("imagenet", root, "train",
+                                       data.train_transform("imagenet", n_local=6, device_augment=True))
         t_ours = median_time(lambda: [ours[i] for i in range(n_images)], 3)
         t_ref = median_time(lambda: [ref[i] for i in range(n_images)], 3)
+        t_geo = median_time(lambda: [geometric[i] for i in range(n_images)], 3)
         torch.set_num_threads(os.cpu_count())
-    row("data: reference PIL multi-crop (2x224 + 6x96), 1 worker", n_images / t_ref, "img/s")
-    row("data: data.MultiCrop, 1 worker", n_images / t_ours, "img/s")
-    row("data: speed-up over the reference (goal >= 1.5)", t_ref / t_ours, "x")
+        row("data: reference PIL multi-crop (2x224 + 6x96), 1 worker", n_images / t_ref, "img/s")
+        row("data: data.MultiCrop, 1 worker", n_images / t_ours, "img/s")
+        row("data: speed-up over the reference (goal >= 1.5)", t_ref / t_ours, "x")
+        row("data: --device_augment: workers' geometric part, 1 worker", n_images / t_geo, "img/s",
+            "decode, crop, resize to uint8")
+        row("data: geometric part's speed-up over the reference", t_ref / t_geo, "x", "goal >= 3")
+        bench_device_augment(geometric)
+
+
+def bench_device_augment(geometric, batch=256):
+    """--device_augment: the batched photometric part on a batch of 256 on the bench's device; then the full
+    training step with the data loading (workers, photometric part) against the bare backbone on the same crops."""
+    import loss
+    from lars import LARS
+    from model import SelfClassifier
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if not cuda else threads)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    mc = geometric.transform
+    crops = [torch.stack(v).to(device) for v in zip(*[geometric[i % len(geometric)][0] for i in range(batch)])]
+    index = torch.arange(batch)
+
+    def photometric():
+        mc.photometric(crops, index, 0, 0)
+        sync()
+
+    t_photo = median_time(photometric, 3)
+    row(f"data: photometric part, batch of {batch} x 8 crops, {device.type}", t_photo * 1000, "ms",
+        f"{t_photo / batch * 1000:.2f} ms/img, augment.apply via MultiCrop.photometric")
+    # the step: the recipe's ResNet-50 and batch on a GPU; ResNet-18 and batch 8 on a CPU (bench_step's)
+    arch, step_batch, workers = ("resnet50", batch, 8) if cuda else ("resnet18", 8, 1)
+    torch.manual_seed(0)
+    model = SelfClassifier(arch, mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
+    model.to(device, memory_format=torch.channels_last)
+    opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # train.py's bf16 on CUDA
+    steps = 2 * args.repeats
+    images = torch.utils.data.Subset(geometric, [i % len(geometric) for i in range((steps + 1) * step_batch)])
+    loader = torch.utils.data.DataLoader(images, batch_size=step_batch, num_workers=workers, pin_memory=cuda,
+                                         drop_last=True)
+
+    def step(views):
+        with autocast:
+            _, logits = model(views)
+        value = loss.self_classifier_loss(logits)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    t0 = None  # the mean over a stream of steps, not a median: a stall waiting for the workers counts
+    for i, (views, _, idx) in enumerate(loader):  # train.py's hand-off, then the step
+        views = [c.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for c in views]
+        step(mc.photometric(views, idx, 0, 0))
+        if i == 0:  # the first batch waits for the workers to start
+            sync()
+            t0 = time.perf_counter()
+    sync()
+    t_full = (time.perf_counter() - t0) / steps
+    stored = [c.float().contiguous(memory_format=torch.channels_last) for c in mc.photometric(views, idx, 0, 0)]
+    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=0.0)
+
+    def bare():
+        with autocast:
+            f = model.features(stored)
+        backbone_opt.zero_grad(set_to_none=True)
+        f.float().sum().backward()
+        sync()
+
+    t_bare = median_time(bare)
+    what = f"{arch}, batch {step_batch}, {workers} worker(s), {device.type}"
+    row("data: bare backbone fwd+bwd, stored crops", step_batch / t_bare, "img/s", what)
+    row("data: full step with data loading, --device_augment", step_batch / t_full, "img/s",
+        f"{what}; photometric part {100 * t_photo * step_batch / batch / t_full:.0f}% of the step")
+    row("data: full step with data / bare backbone", t_bare / t_full, "x", "goal >= 0.9 on a GPU with 8 workers")
+    torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------

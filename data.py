@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import datasets, transforms
 
+import augment
 import folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,10 +79,15 @@ class MultiCrop:
     CPU: the crop's antialiased bicubic resize runs on the uint8 tensor (5x faster than PIL's, pixels equal
     up to a rounding of 1 level in about 0.2% of values), and ToTensor + Normalize is one conversion with
     precomputed constants (3x faster). Colour jitter, blur and solarisation stay PIL's.
+
+    device_augment: the workers return the uint8 crops alone, and photometric does the rest on a batch, on the
+    training device, with the same distributions (augment.py).
     """
 
-    def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True, flip=True):
+    def __init__(self, size, local_size, scale, local_scale, n_local, mean, std, blur=True, flip=True,
+                 device_augment=False):
         # flip=False for pictures whose mirror image means something else (text, digits, scans)
+        self.flip, self.mean, self.std, self.device_augment = flip, tuple(mean), tuple(std), device_augment
         self.flip_jitter = transforms.Compose([transforms.RandomHorizontalFlip()] * flip + [
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)])
         self.views = [(size, scale, 0.1, 0.0), (size, scale, 1.0, 0.2)] + [(local_size, local_scale, 0.5, 0.0)] * n_local
@@ -94,6 +100,8 @@ class MultiCrop:
         i, j, h, w = transforms.RandomResizedCrop.get_params(x, scale, (3 / 4, 4 / 3))
         crop = torch.nn.functional.interpolate(x[:, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
                                                antialias=True)[0]  # (C, size, size) uint8
+        if self.device_augment:
+            return crop.contiguous()
         img = Image.fromarray(crop[0].numpy() if len(crop) == 1 else crop.permute(1, 2, 0).contiguous().numpy())
         img = self.flip_jitter(img)
         if torch.rand(1) < 0.2:  # RandomGrayscale: the L image in as many bands as the input
@@ -111,6 +119,21 @@ class MultiCrop:
         x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]  # channels-last strides: the fast resize
         return [self.view(x, *v) for v in self.views]
 
+    def photometric(self, crops, index, epoch, seed):
+        """What the workers left out with device_augment, on a batch: crops, a list over views of (B, C, S, S) uint8
+        on the device; index: (B,) dataset indices on the host. Views of one size go through together."""
+        out = [None] * len(crops)
+        for side in dict.fromkeys(c.shape[-1] for c in crops):
+            group = [v for v, c in enumerate(crops) if c.shape[-1] == side]
+            rows = dict(index=index.repeat(len(group)), view=torch.tensor(group).repeat_interleave(len(index)))
+            blur_p, solarize_p = (torch.tensor([self.views[v][k] for v in group]).repeat_interleave(len(index))
+                                  for k in (2, 3))
+            p = augment.draw(seed, epoch, rows["index"], rows["view"], blur_p * self.blur, solarize_p, self.flip)
+            x = augment.apply(torch.cat([crops[v] for v in group]), p, self.mean, self.std)
+            for v, part in zip(group, x.split(len(index))):
+                out[v] = part
+        return out
+
 
 def eval_transform(name, size=None, mean=None, std=None):
     """Resize the shorter side (bilinear, as the authors' evaluation code), center crop to the training crop
@@ -127,10 +150,11 @@ def default_crop_scale(name, n_local):
     return d["scale"] if n_local else d["scale_2views"]
 
 
-def train_transform(name, n_local, size=None, local_size=None, scale=None, mean=None, std=None, flip=True):
+def train_transform(name, n_local, size=None, local_size=None, scale=None, mean=None, std=None, flip=True,
+                    device_augment=False):
     d = DATASETS[name]
     return MultiCrop(size or d["size"], local_size or d["local_size"], scale or default_crop_scale(name, n_local),
-                     d["local_scale"], n_local, mean or d["mean"], std or d["std"], d["blur"], flip)
+                     d["local_scale"], n_local, mean or d["mean"], std or d["std"], d["blur"], flip, device_augment)
 
 # -----------------------------------------------------------------------------
 # datasets

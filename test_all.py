@@ -854,6 +854,174 @@ def test_multicrop_equals_torchvision_pil_pipeline():
         [(1, 28, 28)] * 2 + [(1, 14, 14)]
 
 
+# -----------------------------------------------------------------------------
+# --device_augment: augment.py's batched photometric operations against torchvision's functional ones on single
+# images, its per-sample draws against the distributions of the PIL path's torchvision transforms
+
+import augment  # noqa: E402
+
+
+def augment_images(n=8, chans=3, h=20, w=24, seed=0):
+    # smooth colour fields with noise: every hue, grey pixels, saturated ones and both ends of the range
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([torch.sin(xx / 5 + c + torch.rand((), generator=g) * 6) * torch.cos(yy / 7 - c)
+                        for c in range(chans)]) * 0.7 + 0.5
+    x = (base[None] + 0.1 * torch.randn(n, chans, h, w, generator=g)).clamp(0, 1)
+    x[0, :, :4] = 0.5  # a grey band: chroma 0
+    return x
+
+
+@pytest.mark.parametrize("chans", [3, 1])
+def test_augment_operations_equal_torchvision_functional_per_image(chans):
+    # each batched operation, with one factor per row, is torchvision's functional operation on each image alone,
+    # float32 in [0, 1], to 1e-5 (float rounding; hue goes through a different but equal HSV formula)
+    import torchvision.transforms.functional as TF
+    x = augment_images(chans=chans)
+    f = torch.linspace(0.6, 1.4, len(x))
+    hue = torch.linspace(-0.1, 0.1, len(x))
+    sigma = torch.linspace(0.1, 2.0, len(x))
+    cases = [(augment.brightness(x.clone(), f), lambda i, img: TF.adjust_brightness(img, float(f[i]))),
+             (augment.contrast(x.clone(), f), lambda i, img: TF.adjust_contrast(img, float(f[i]))),
+             (augment.saturation(x.clone(), f), lambda i, img: TF.adjust_saturation(img, float(f[i]))),
+             (augment.hue(x.clone(), hue), lambda i, img: TF.adjust_hue(img, float(hue[i]))),
+             (augment.grayscale(x).expand_as(x), lambda i, img: TF.rgb_to_grayscale(img, chans)),
+             (augment.gaussian_blur(x, sigma), lambda i, img: TF.gaussian_blur(img, [13, 13], [float(sigma[i])] * 2)),
+             (augment.solarize(x), lambda i, img: TF.solarize(img, 128 / 255))]
+    for k, (ours, ref) in enumerate(cases):
+        expected = torch.stack([ref(i, img) for i, img in enumerate(x)])
+        assert (ours - expected).abs().max() < 1e-5, k
+
+
+def reference_photometric(x, p, mean, std):
+    """augment.apply for one uint8 image at a time, with torchvision's functional operations: flip, the jitter in the
+    row's order, grayscale, blur, solarisation, normalisation."""
+    import torchvision.transforms.functional as TF
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    out = []
+    for i, img in enumerate(x.float() / 255):
+        if p["flip"][i]:
+            img = TF.hflip(img)
+        if p["jitter"][i]:
+            for op in p["order"][i].tolist():
+                img = ops[op](img, float(p["factors"][i, op]))
+        if p["gray"][i]:
+            img = TF.rgb_to_grayscale(img, len(img))
+        if p["blur"][i]:
+            img = TF.gaussian_blur(img, [13, 13], [float(p["sigma"][i])] * 2)
+        if p["solarize"][i]:
+            img = TF.solarize(img, 128 / 255)
+        out.append(TF.normalize(img, mean, std))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("chans", [3, 1])
+def test_augment_apply_is_the_composition_in_each_rows_order(chans):
+    # 64 rows of a batch, each with its own draws (order of the four jitter operations included), equal the
+    # torchvision composition image by image to 1e-4 after normalisation (1e-5 before, over std ~0.25)
+    x = (augment_images(64, chans, h=24, w=24) * 255).round().to(torch.uint8)
+    index = torch.arange(64) * 7 + 3
+    p = augment.draw(1, 2, index, torch.ones(64, dtype=torch.long), torch.full((64,), 0.5), torch.full((64,), 0.5))
+    assert len({tuple(o) for o in p["order"][p["jitter"]].tolist()}) >= 12  # many orders in one batch
+    assert 10 < int(p["blur"].sum()) < 54 and 10 < int(p["solarize"].sum()) < 54
+    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if chans == 3 else ((0.3,), (0.3,))
+    ours = augment.apply(x, p, mean, std)
+    assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours - reference_photometric(x, p, mean, std)).abs().max() < 1e-4
+    # a row's result does not depend on the rows beside it
+    alone = augment.apply(x[5:6], {k: v[5:6] for k, v in p.items()}, mean, std)
+    assert (alone - ours[5:6]).abs().max() < 1e-6
+
+
+def test_augment_operations_are_close_to_the_pil_paths_on_uint8():
+    # the PIL path rounds to 8 bits after each operation, and its hue shift works in 8-bit HSV: on uint8 images
+    # the float path differs from it by at most 1.2 levels (brightness, contrast, saturation, grey), by a level on
+    # average and at most 20 for the hue
+    import torchvision.transforms.functional as TF
+    from PIL import Image, ImageFilter
+    x = (augment_images(48, h=32, w=32) * 255).round().to(torch.uint8)
+    f, hue = torch.linspace(0.6, 1.4, 48), torch.linspace(-0.1, 0.1, 48)
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
+
+    def levels(images):
+        return torch.stack([torch.from_numpy(np.array(img)).reshape(32, 32, -1).permute(2, 0, 1) for img in images]).float()
+
+    for ours, ref, bound in ((augment.brightness, TF.adjust_brightness, 1.2), (augment.contrast, TF.adjust_contrast, 1.2),
+                             (augment.saturation, TF.adjust_saturation, 1.2), (augment.hue, TF.adjust_hue, 20)):
+        fac = hue if ours is augment.hue else f
+        d = (ours(x.float() / 255, fac) * 255 - levels([ref(img, float(fac[i])) for i, img in enumerate(pil)])).abs()
+        assert d.max() < bound and d.mean() < 1.05, ours.__name__
+    assert (augment.grayscale(x.float() / 255) * 255 - levels([img.convert("L") for img in pil])).abs().max() < 1.2
+    # PIL's blur (box blurs) against the 13-tap Gaussian of the same sigma, away from the borders (PIL repeats the
+    # edge, torchvision reflects): within a level on average, the most (2.5) near sigma 0.4, where boxes are coarse
+    sigma = torch.linspace(0.1, 2.0, 8)
+    blurred = levels([img.filter(ImageFilter.GaussianBlur(float(s))) for img, s in zip(pil[:8], sigma)])
+    assert (augment.gaussian_blur(x[:8].float(), sigma) - blurred)[..., 6:-6, 6:-6].abs().mean() < 1.0
+
+
+def test_augment_draws_have_the_pil_paths_distributions():
+    # n draws per view against the PIL path's: ColorJitter.get_params' factors (two-sample Kolmogorov-Smirnov),
+    # the order of its four operations (chi-square over the 24 orders), the blur's sigma (KS against the uniform
+    # of data.RandomBlur), and each probability of data.MultiCrop's view table within 4 binomial std
+    from scipy import stats
+    from torchvision import transforms as T
+    n = 4000
+    torch.manual_seed(0)
+    ref = [T.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)) for _ in range(n)]
+    ref_factors = torch.tensor([r[1:] for r in ref])
+    ref_orders = [tuple(r[0].tolist()) for r in ref]
+    mc = data.train_transform("imagenet", n_local=2)
+    perms = list(itertools.permutations(range(4)))
+    for view, (_, _, blur_p, solarize_p) in enumerate(mc.views[:3]):
+        p = augment.draw(0, 3, torch.arange(n) * 11, torch.full((n,), view), torch.full((n,), blur_p),
+                         torch.full((n,), solarize_p))
+        for k in range(4):
+            assert stats.ks_2samp(p["factors"][:, k].numpy(), ref_factors[:, k].numpy()).pvalue > 0.01, (view, k)
+        counts = [sum(tuple(o) == q for o in p["order"].tolist()) for q in perms]
+        assert stats.chisquare(counts).pvalue > 0.01
+        assert stats.chisquare([ref_orders.count(q) for q in perms]).pvalue > 0.01  # the reference itself
+        assert stats.kstest(p["sigma"].numpy(), stats.uniform(0.1, 1.9).cdf).pvalue > 0.01
+        for name, prob in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", blur_p), ("solarize", solarize_p)):
+            assert abs(p[name].float().mean() - prob) <= 4 * math.sqrt(prob * (1 - prob) / n) + 1e-9, (view, name)
+    assert [v[2:] for v in mc.views] == [(0.1, 0.0), (1.0, 0.2), (0.5, 0.0), (0.5, 0.0)]  # SPEC section 3
+    # the hash's uniforms: uniform, and independent between draws of one row
+    u = augment.uniforms(0, 0, torch.arange(20000), torch.zeros(20000, dtype=torch.long))
+    assert all(stats.kstest(u[:, j].numpy(), "uniform").pvalue > 0.01 for j in range(augment.N_DRAWS))
+    assert np.abs(np.corrcoef(u.T.numpy()) - np.eye(augment.N_DRAWS)).max() < 0.04
+
+
+def test_augment_draws_depend_on_seed_epoch_index_and_view_alone():
+    index = torch.tensor([5, 9, 5, 1000000, 5])
+    view = torch.tensor([0, 0, 1, 0, 0])
+    u = augment.uniforms(7, 2, index, view)
+    assert torch.equal(u[0], u[4]) and not torch.equal(u[0], u[2])  # the same key, another position; another view
+    assert len({tuple(r) for r in u[:4].tolist()}) == 4  # every other row its own draws
+    again = augment.uniforms(7, 2, index.flip(0), view.flip(0)).flip(0)  # another batch order: the same draws
+    assert torch.equal(u, again)
+    for other in (augment.uniforms(8, 2, index, view), augment.uniforms(7, 3, index, view),
+                  augment.uniforms(7 + 2 ** 32, 2, index, view)):
+        assert not (other == u).any(dim=1).all()
+    # --no_flip: never a flip
+    one = torch.zeros(500, dtype=torch.long)
+    assert not augment.draw(0, 0, torch.arange(500), one, one.float(), one.float(), flip=False)["flip"].any()
+
+
+def test_device_augment_workers_return_uint8_crops_and_photometric_normalises_them():
+    plain = data.build_dataset("synthetic", "", "train", data.train_transform("synthetic", n_local=2), seed=5)
+    ds = data.build_dataset("synthetic", "", "train", data.train_transform("synthetic", n_local=2, device_augment=True),
+                            seed=5)
+    crops, _, index = ds[(7, 2)]
+    assert [(tuple(c.shape), c.dtype) for c in crops] == [((3, 16, 16), torch.uint8)] * 2 + [((3, 8, 8), torch.uint8)] * 2
+    batch = [torch.stack(v) for v in zip(*[ds[(i, 2)][0] for i in range(32)])]
+    out = ds.transform.photometric(batch, torch.arange(32), 2, 5)
+    again = ds.transform.photometric(batch, torch.arange(32), 2, 5)
+    ref = [torch.stack(v) for v in zip(*[plain[(i, 2)][0] for i in range(32)])]
+    assert [(o.shape, o.dtype) for o in out] == [(r.shape, r.dtype) for r in ref]
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    # the same distribution of normalised pixels as the PIL path's, on the whole
+    assert abs(float(torch.cat([o.flatten() for o in out]).mean() - torch.cat([r.flatten() for r in ref]).mean())) < 0.1
+
+
 def test_epoch_sampler_same_global_batch_for_any_world_size():
     one = list(data.EpochSampler(103, 12, 1, 0, seed=3).__iter__())
     shares = [list(data.EpochSampler(103, 12, 3, r, seed=3).__iter__()) for r in range(3)]
@@ -1712,12 +1880,15 @@ def same_state(a_dir, b_dir):
 
 
 @slow
-@pytest.mark.parametrize("method", ["self_classifier", "twist", "sela"])
-def test_kill_and_resume_gives_the_same_weights(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("self_classifier", ()), ("twist", ()), ("sela", ()),
+                                           ("self_classifier", ("--device_augment",))],
+                         ids=["self_classifier", "twist", "sela", "device_augment"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, method, extra):
     # 1,000 of the synthetic training images (--holdout keeps the other 4,000 out) in batches of 32:
-    # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick
+    # 31 short steps per epoch, so that the kill lands inside an epoch and the test stays quick.
+    # --device_augment: its draws are a hash of (seed, epoch, index, view), so the resumed run draws them again
     flags = [*SMALL_RUN, "--holdout", "4000", "--batch_size", "32", "--epochs", "2", "--log_every", "5",
-             "--method", method, "--queue_len", "256" if method == "self_classifier" else "0"]
+             "--method", method, "--queue_len", "256" if method == "self_classifier" else "0", *extra]
     steps_per_epoch = 1000 // 32
     straight = str(tmp_path / "straight")  # the uninterrupted run, side by side with the killed one
     with open(tmp_path / "straight.log", "w") as straight_log:

@@ -102,6 +102,8 @@ parser.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=(
                     help="area range of the global crops, as fractions of the image (default: the dataset's)")
 parser.add_argument("--no_flip", action="store_true", help="no horizontal flips: for pictures whose mirror image "
                     "means something else (text, digits, scans of forms)")
+parser.add_argument("--device_augment", action="store_true", help="workers only crop; flip, jitter, grey, blur and "
+                    "solarisation run batched on the training device, drawn per sample as the workers do (augment.py)")
 # optimisation
 parser.add_argument("--epochs", type=int, default=None, help="passes over the training set")
 parser.add_argument("--batch_size", type=int, default=None, help="GLOBAL batch, split evenly over processes")
@@ -191,7 +193,7 @@ prep = folder.Preparation(args, rank, world_size, print0)  # a folder's scan, un
 if args.dataset == "folder":
     prep.train_split(dataset, t0)
 dataset.transform = data.train_transform(args.dataset, args.n_local, args.size, args.local_size, args.crop_scale,
-                                         args.mean, args.std, not args.no_flip)
+                                         args.mean, args.std, not args.no_flip, args.device_augment)
 recipes.check_dataset_size(args, len(dataset))
 # --eval_every: the evaluation split, checked now rather than at the first epoch's end
 eval_loader, n_true = None, 0  # n_true: true classes of the evaluation split, 0 without labels
@@ -245,7 +247,7 @@ if args.method == "sela":
 # resume: the same command again continues from the checkpoint, or refuses with the differences
 MUST_MATCH = ("dataset", "holdout", "method", "optimizer", "momentum", "weight_decay", "arch", "width", "in_chans",
               "small_stem", "mlp_layers", "mlp_hidden", "mlp_out", "cls_sizes", "batch_size", "n_local",
-              "size", "local_size", "crop_scale", "no_flip", "seed", "precision",
+              "size", "local_size", "crop_scale", "no_flip", "device_augment", "seed", "precision",
               *(a.dest for a in flags._group_actions))  # --row_tau, --col_tau, ... and any flag added there
 # what checkpoints older than a flag trained with
 BEFORE_FLAG = dict(precision="bf16" if use_cuda else "fp32", sela_schedule="quadratic")
@@ -365,6 +367,8 @@ for epoch in range(start_step // steps_per_epoch, args.epochs):
     class_counts = torch.zeros(args.cls_sizes[0], dtype=torch.long, device=device)
     for crops, _, index in loader:
         crops = [c.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for c in crops]
+        if args.device_augment:  # uint8 crops from the workers: the rest of the augmentation here, drawn per sample
+            crops = dataset.transform.photometric(crops, index, epoch, args.seed)  # index still on the host
         index = index.to(device, non_blocking=True)
         if step in relabel_steps:
             losses.sela_relabel(raw_model, label_loader, pseudo_labels, args.row_tau, args.sela_lamb, autocast)
