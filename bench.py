@@ -1,9 +1,8 @@
 """Benchmarks: every figure is the median of several runs, with its baseline measured in the same run.
-And the README's result tables measured again on this machine, seed by seed, as a user would run them.
+(The README's result tables, trained and scored again: results.py.)
 
     python bench.py                 # all parts, a few minutes on 2 CPU cores
     python bench.py --only step loss
-    python bench.py --results synthetic breaking   # the README's tables: 39 min on 2 shared cores
 """
 import argparse
 import json
@@ -22,17 +21,6 @@ parser.add_argument("--only", nargs="+",
                     default=["step", "data", "eval", "precision", "watch", "memory", "loss", "stop"],
                     help="parts to run: step data eval precision watch memory loss stop")
 parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is printed)")
-parser.add_argument("--results", nargs="+", choices=["synthetic", "breaking", "folder", "fashion_mnist"],
-                    help="instead of the benchmarks, train and score the README's result tables again (train.py, then "
-                         "evaluate.py, per seed) and print them as the README does; measured on 2 shared cores, 2 runs side by "
-                         "side: synthetic (18 runs) and breaking (15 more) 39 min, folder (3,000 Fashion-MNIST PNGs, 3 "
-                         "runs) 10 min, fashion_mnist (6 runs) about 33 min a pair of seeds")
-parser.add_argument("--seeds", type=int, default=None, help="--results: only the first N seeds of each row")
-parser.add_argument("--jobs", type=int, default=2, help="--results: runs side by side")
-parser.add_argument("--threads", type=int, default=1, help="--results: compute threads per run (OMP_NUM_THREADS); "
-                    "the README's figures are of one thread, and another count rounds differently")
-parser.add_argument("--results_dir", default="out/results", help="--results: one folder per run; a run that has "
-                    "its metrics.json is reused, so an interrupted command continues where it stopped")
 args, _ = parser.parse_known_args()
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,35 +44,48 @@ def row(name, value, unit, note=""):
 # 1. the full training step against the bare backbone on the same crops
 
 
-def bench_step_at(batch, global_px, local_px, n_local=6):
+def recipe_network(arch, device, queue=None):
+    """The ImageNet recipe's network on arch (MLP 4096-128, heads of 1,000 to 8,000 classes) with LARS: (a full
+    training step on crops and their indices, the bare backbone's forward and backward on crops), under bf16
+    autocast on CUDA as train.py runs them."""
     import loss
     from lars import LARS
-    from model import NNQueue, SelfClassifier
+    from model import SelfClassifier
     torch.manual_seed(0)
-    model = SelfClassifier("resnet18", mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
-    model.to(memory_format=torch.channels_last)  # as train.py does
+    model = SelfClassifier(arch, mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
+    model.to(device, memory_format=torch.channels_last)  # as train.py does
     opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
-    queue = NNQueue(4096, 128)
-    queue.push(torch.nn.functional.normalize(torch.randn(4096, 128), dim=1), torch.arange(4096) + 10 ** 6)  # full
-    crops = [torch.randn(batch, 3, global_px, global_px) for _ in range(2)]
-    crops += [torch.randn(batch, 3, local_px, local_px) for _ in range(n_local)]
-    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-    index = torch.arange(batch)
+    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def full():
-        z, logits = model(crops, queue, index)
+    def full(crops, index):
+        with autocast:
+            z, logits = model(crops, queue, index) if queue is not None else model(crops)
         value = loss.self_classifier_loss(logits)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
-        queue.push(z[:batch], index)
+        if queue is not None:
+            queue.push(z[:len(index)], index)
 
-    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=0.0)
-
-    def bare():
-        f = model.features(crops)
+    def bare(crops):
+        with autocast:
+            f = model.features(crops)
         backbone_opt.zero_grad(set_to_none=True)
-        f.sum().backward()
+        f.float().sum().backward()
+    return full, bare
+
+
+def bench_step_at(batch, global_px, local_px, n_local=6):
+    from model import NNQueue
+    queue = NNQueue(4096, 128)
+    queue.push(torch.nn.functional.normalize(torch.randn(4096, 128), dim=1), torch.arange(4096) + 10 ** 6)  # full
+    full_step, bare_step = recipe_network("resnet18", torch.device("cpu"), queue)
+    crops = [torch.randn(batch, 3, global_px, global_px) for _ in range(2)]
+    crops += [torch.randn(batch, 3, local_px, local_px) for _ in range(n_local)]
+    crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+    index = torch.arange(batch)
+    full, bare = (lambda: full_step(crops, index)), (lambda: bare_step(crops))
 
     # interleave the two so that the machine's load drifts over both alike
     t_full, t_bare = [], []
@@ -170,9 +171,6 @@ def bench_data(n_images=24):
 def bench_device_augment(geometric, batch=256):
     """--device_augment: the batched photometric part on a batch of 256 on the bench's device; then the full
     training step with the data loading (workers, photometric part) against the bare backbone on the same crops."""
-    import loss
-    from lars import LARS
-    from model import SelfClassifier
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     threads = torch.get_num_threads()
@@ -195,44 +193,23 @@ def bench_device_augment(geometric, batch=256):
         f"{t_photo / batch * 1000:.2f} ms/img, augment.apply via MultiCrop.photometric")
     # the step: the recipe's ResNet-50 and batch on a GPU; ResNet-18 and batch 8 on a CPU (bench_step's)
     arch, step_batch, workers = ("resnet50", batch, 8) if cuda else ("resnet18", 8, 1)
-    torch.manual_seed(0)
-    model = SelfClassifier(arch, mlp_layers=2, mlp_hidden=4096, mlp_out=128, cls_sizes=(1000, 2000, 4000, 8000))
-    model.to(device, memory_format=torch.channels_last)
-    opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # train.py's bf16 on CUDA
+    full_step, bare_step = recipe_network(arch, device)
     steps = 2 * args.repeats
     images = torch.utils.data.Subset(geometric, [i % len(geometric) for i in range((steps + 1) * step_batch)])
     loader = torch.utils.data.DataLoader(images, batch_size=step_batch, num_workers=workers, pin_memory=cuda,
                                          drop_last=True)
 
-    def step(views):
-        with autocast:
-            _, logits = model(views)
-        value = loss.self_classifier_loss(logits)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-
     t0 = None  # the mean over a stream of steps, not a median: a stall waiting for the workers counts
     for i, (views, _, idx) in enumerate(loader):  # train.py's hand-off, then the step
         views = [c.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last) for c in views]
-        step(mc.photometric(views, idx, 0, 0))
+        full_step(mc.photometric(views, idx, 0, 0), idx)
         if i == 0:  # the first batch waits for the workers to start
             sync()
             t0 = time.perf_counter()
     sync()
     t_full = (time.perf_counter() - t0) / steps
     stored = [c.float().contiguous(memory_format=torch.channels_last) for c in mc.photometric(views, idx, 0, 0)]
-    backbone_opt = torch.optim.SGD(model.backbone.parameters(), lr=0.0)
-
-    def bare():
-        with autocast:
-            f = model.features(stored)
-        backbone_opt.zero_grad(set_to_none=True)
-        f.float().sum().backward()
-        sync()
-
-    t_bare = median_time(bare)
+    t_bare = median_time(lambda: (bare_step(stored), sync()))
     what = f"{arch}, batch {step_batch}, {workers} worker(s), {device.type}"
     row("data: bare backbone fwd+bwd, stored crops", step_batch / t_bare, "img/s", what)
     row("data: full step with data loading, --device_augment", step_batch / t_full, "img/s",
@@ -506,114 +483,6 @@ def bench_stop():
             f"{r[k]['ratio']:.3f} x none; the check itself {r[k]['check_us']:,.0f} us/step")
 
 
-# -----------------------------------------------------------------------------
-# 9. the README's result tables, trained and scored again: each row over its seeds, as mean +- std (min-max)
-
-ROWS = {  # table: (row, dataset, train.py flags, seeds)
-    "synthetic": [("Self-Classifier", "synthetic", [], range(8)),
-                  ("TWIST", "synthetic", ["--method", "twist"], range(5)),
-                  ("SeLa", "synthetic", ["--method", "sela"], range(5))],
-    "breaking": [(flag or "(none)", "synthetic", flag.split(), range(5))
-                 for flag in ("", "--no_prior", "--col_tau 1.0", "--row_tau 1.0")],
-    "folder": [("Self-Classifier", "folder", ["--data_dir", "fmnist3k"], range(3))],
-    "fashion_mnist": [("Self-Classifier", "fashion_mnist", [], range(6))],
-}
-
-
-def fmnist_folder(root):
-    """The README's folder example: the first 3,000 Fashion-MNIST test images as PNGs, one folder per class."""
-    if os.path.isdir(root):
-        return
-    import data
-    from PIL import Image
-    images, labels = data.load_mnist(data.FASHION_MNIST_DIR, train=False)
-    for i, (x, y) in enumerate(zip(images[:3000], labels[:3000])):
-        os.makedirs(os.path.join(root + ".tmp", f"c{y}"), exist_ok=True)
-        Image.fromarray(x).save(os.path.join(root + ".tmp", f"c{y}", f"{i:05d}.png"))
-    os.replace(root + ".tmp", root)
-
-
-def result_run(dataset, flags, seed):
-    """train.py then evaluate.py for one seed, in a folder of its own (reused once it has metrics.json); the
-    scores, the last log step and whether the collapse banner came up."""
-    out = os.path.join(args.results_dir, "-".join([dataset, *(os.path.basename(f.strip("-")) for f in flags), f"s{seed}"]))
-    if "--data_dir" in flags:  # a folder made here, below the results
-        flags = list(flags)
-        flags[flags.index("--data_dir") + 1] = os.path.abspath(os.path.join(args.results_dir, flags[flags.index("--data_dir") + 1]))
-    if not os.path.exists(os.path.join(out, "metrics.json")):
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "train.out"), "w") as log:
-            for cmd in ([sys.executable, "train.py", "--dataset", dataset, *flags, "--seed", str(seed), "--out_dir", out],
-                        [sys.executable, "evaluate.py", "--ckpt", os.path.join(out, "ckpt.pt"),
-                         *([] if dataset == "folder" else ["--no_figures"])]):
-                if subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
-                    raise SystemExit(f"failed: {' '.join(cmd)}; its output is in {log.name}")
-    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    steps = [r for r in records if r.get("kind") == "step"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    return dict(json.load(open(os.path.join(out, "metrics.json"))), last=steps[-1], seconds=epochs[-1]["time"],
-                collapse="COLLAPSE?" in open(os.path.join(out, "train.out")).read(),
-                one_class_at=next((r["step"] for r in steps if r["classes"] == 1), None))
-
-
-def spread(values, digits=3):
-    """One cell: the value where every seed gives it (at these digits), else mean +- std (min-max)."""
-    v = np.array(values, dtype=float)
-    if np.all(np.round(v, digits) == np.round(v[0], digits)):
-        return f"{v[0]:.{digits}f} each"
-    return f"{v.mean():.{digits}f} +- {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})"
-
-
-def seeds_of(seeds):
-    return f"seeds {seeds[0]}-{seeds[-1]}"
-
-
-def bench_results():
-    from concurrent.futures import ThreadPoolExecutor
-    t0 = time.time()
-    if args.seeds:
-        for rows in ROWS.values():
-            rows[:] = [(name, dataset, flags, seeds[:args.seeds]) for name, dataset, flags, seeds in rows]
-    if "folder" in args.results:
-        fmnist_folder(os.path.join(args.results_dir, "fmnist3k"))
-    runs = {(dataset, tuple(flags), s) for table in args.results for _, dataset, flags, seeds in ROWS[table] for s in seeds}
-    print(f"{len(runs)} runs, {args.jobs} side by side, {args.threads} thread(s) each, in {args.results_dir}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own processes: threads only wait for them
-        done = dict(zip(sorted(runs), pool.map(lambda r: result_run(r[0], list(r[1]), r[2]), sorted(runs))))
-    for table in args.results:
-        print(f"\n{table}, {args.threads} thread(s) per run:\n")
-        if table == "breaking":
-            print("| flag, seeds | the log (last step) | head 0 ACC | head 0 NMI | kNN top-1 |\n|---|---|---|---|---|")
-        else:
-            cols = {"folder": ["nmi", "ari", "acc", "kmeans_nmi", "kmeans_acc"],
-                    "fashion_mnist": ["nmi", "ari", "acc", "knn_top1", "linear_top1"]}.get(table, ["nmi", "ari", "acc", "knn_top1"])
-            print(f"| method, seeds | {' | '.join(cols)} |\n|{'---|' * (len(cols) + 1)}")
-        for name, dataset, flags, seeds in ROWS[table]:
-            rs = [done[dataset, tuple(flags), s] for s in seeds]
-            if table == "breaking":
-                classes = sorted({r["last"]["classes"] for r in rs})
-                log = f"`classes {classes[0]}/10`" if len(classes) == 1 else f"`classes {classes[0]}-{classes[-1]}/10`"
-                firsts = [r["one_class_at"] for r in rs]
-                if None not in firsts:
-                    log += f" from step {min(firsts)}" + (f"-{max(firsts)}" if max(firsts) > min(firsts) else "")
-                log += f", loss {spread([r['last']['loss'] for r in rs], 4)}"
-                if any(r["collapse"] for r in rs):
-                    log += f", `COLLAPSE?` in {sum(r['collapse'] for r in rs)} of {len(rs)}"
-                print(f"| {name}, {seeds_of(seeds)} | {log} | {spread([r['acc'] for r in rs])} | "
-                      f"{spread([r['nmi'] for r in rs])} | {spread([r['knn_top1'] for r in rs])} |")
-            else:
-                print(f"| {name}, {seeds_of(seeds)} | " + " | ".join(spread([r[c] for r in rs]) for c in cols) + " |")
-        pixels = [done[d, tuple(f), s] for _, d, f, seeds in ROWS[table][:1] for s in seeds[:1]]
-        if table in ("folder", "fashion_mnist") and "kmeans_pixels_acc" in pixels[0]:
-            p = pixels[0]
-            print(f"| k-means on raw pixels | {p['kmeans_pixels_nmi']:.3f} | {p['kmeans_pixels_ari']:.3f} | "
-                  f"{p['kmeans_pixels_acc']:.3f} |" + " |" * (len(cols) - 3))
-        secs = [done[d, tuple(f), s]["seconds"] for _, d, f, seeds in ROWS[table] for s in seeds]
-        print(f"\ntraining time per run {min(secs):.0f}-{max(secs):.0f} s")
-    print(f"\n{len(runs)} runs in {(time.time() - t0) / 60:.1f} min")
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "loss_worker":
         loss_worker(*sys.argv[2:4])
@@ -622,9 +491,6 @@ if __name__ == "__main__":
         stop_worker(sys.argv[2])
         sys.exit()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
-    if args.results:
-        bench_results()
-        sys.exit()
     for part in args.only:
         {"step": bench_step, "data": bench_data, "eval": bench_eval, "precision": bench_precision, "watch": bench_watch,
          "memory": bench_memory, "loss": bench_loss, "stop": bench_stop}[part]()
