@@ -2160,16 +2160,6 @@ def test_progress_lines_every_interval_from_rank_0(monkeypatch, capsys):
     assert Progress("scan", 3, "files").every == 0
 
 
-def _fashion_mnist_test_pixels():
-    import gzip
-    root = "/usr/share/datasets/fashion-mnist"
-    if not os.path.exists(f"{root}/t10k-images-idx3-ubyte.gz"):
-        pytest.skip("no Fashion-MNIST files (apt-get install dataset-fashion-mnist)")
-    x = np.frombuffer(gzip.open(f"{root}/t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16).reshape(-1, 784)
-    y = np.frombuffer(gzip.open(f"{root}/t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
-    return x / 255.0, y
-
-
 def _inertia(x, assign, k):
     return float(((x - np.stack([x[assign == j].mean(0) for j in range(k)])[assign]) ** 2).sum())
 
@@ -2239,8 +2229,9 @@ def test_kmeans_matches_scikit_learn_on_digits_pixels():
 
 @slow
 def test_kmeans_matches_scikit_learn_on_fashion_mnist_test_pixels():
-    x, y = _fashion_mnist_test_pixels()
-    for m, (ours, ref) in _kmeans_against_scikit_learn(x, y, range(5)).items():
+    needs_fashion_mnist()
+    x, y = data.load_mnist(data.FASHION_MNIST_DIR, train=False)
+    for m, (ours, ref) in _kmeans_against_scikit_learn(x.reshape(len(x), -1) / 255.0, y, range(5)).items():
         assert abs(ours - ref) <= 0.01, (m, ours, ref)
 
 
