@@ -1,9 +1,9 @@
 """The README's result tables, trained and scored again on this machine, seed by seed, as a user runs them
 (train.py, then evaluate.py, per seed), printed as the README prints them: each row over its seeds, as mean +- std
-(min-max). Measured on 2 shared cores, 2 runs side by side: synthetic (18 runs) and breaking (15 more) 39 min, folder
-(3,000 Fashion-MNIST PNGs and scikit-learn's 1,797 digits as PNGs, 5 runs each) about 35 min, fashion_mnist (6 runs)
-about 33 min a pair of seeds. A folder run's evaluate.py gets its seed too, so the k-means columns spread over
-k-means seeds as well.
+(min-max). Measured on 2 shared cores, 2 runs side by side: synthetic (18 runs) and breaking (15 more) 39 min,
+fashion_mnist (6 runs) about 33 min a pair of seeds; folder (3,000 Fashion-MNIST PNGs and scikit-learn's 1,797
+digits as PNGs, 5 runs each) trained in 71 min one run after another, beside two other runs. A folder run's
+evaluate.py gets its seed too, so the k-means columns spread over k-means seeds as well.
 
     python results.py synthetic breaking folder
     python results.py fashion_mnist --seeds 2
